@@ -1,0 +1,107 @@
+"""Small model configurations for tests, benchmarks and the synthetic-world recipes.
+
+Real checkpoints cannot be downloaded offline, so every part of the toolkit can be exercised on
+randomly initialised towers built from these configs. ``lm_config`` speaks one vocabulary of
+size/depth knobs across LM families so the same test runs on all of them.
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+LM_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "opt", "gpt_neox", "phi")
+
+
+def lm_config(
+    family: str = "llama",
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_positions: int = 512,
+) -> PretrainedConfig:
+    """A decoder-only LM config of ``family`` with the given shape (sdpa attention)."""
+    ffn = intermediate_size or 4 * hidden_size
+    if family == "gpt2":
+        kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=ffn,
+                  n_positions=max_positions)
+    elif family == "opt":
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, ffn_dim=ffn, word_embed_proj_dim=hidden_size,
+                  max_position_embeddings=max_positions)
+    else:
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, intermediate_size=ffn,
+                  max_position_embeddings=max_positions)
+        if family in ("llama", "mistral", "qwen2", "gemma"):
+            kw["num_key_value_heads"] = max(1, num_heads // 2)
+        if family == "gemma":
+            kw["head_dim"] = hidden_size // num_heads
+    if family not in LM_FAMILIES:
+        raise ValueError(f"unknown LM family {family!r}; known: {', '.join(LM_FAMILIES)}")
+    # Ids 1/2 are BOS/EOS of the tokenizers trained by data_pipelines.tokenizer.
+    config = AutoConfig.for_model(
+        family, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **kw
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_lm(family: str = "llama", seed: int = 0, **shape) -> PreTrainedModel:
+    """A randomly initialised causal LM (eval mode, fp32) from :func:`lm_config`."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(lm_config(family, **shape))
+    return model.eval()
+
+
+def vision_config(
+    kind: str = "clip",
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+) -> PretrainedConfig:
+    """A CLIP or SigLIP vision-tower config of the given shape."""
+    kw = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+              num_hidden_layers=num_layers, num_attention_heads=num_heads,
+              intermediate_size=4 * hidden_size)
+    if kind == "clip":
+        config = CLIPVisionConfig(**kw)
+    elif kind == "siglip":
+        config = SiglipVisionConfig(**kw)
+    else:
+        raise ValueError(f"unknown vision kind {kind!r}; known: clip, siglip")
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_vision(kind: str = "clip", seed: int = 0, **shape) -> PreTrainedModel:
+    """A randomly initialised CLIP/SigLIP vision tower (eval mode) from :func:`vision_config`."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = vision_config(kind, **shape)
+    cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
+    return cls(config).eval()
+
+
+def image_processor(image_size: int = 32) -> CLIPImageProcessor:
+    """A PIL-based image processor that resizes/crops to ``image_size`` with CLIP statistics."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
