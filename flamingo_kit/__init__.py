@@ -1,5 +1,16 @@
 """flamingo-kit: Flamingo-style few-shot vision-language models on any Hugging Face decoder LM."""
 
+from flamingo_kit.config import FlamingoConfig
+from flamingo_kit.generation import PrefixState
+from flamingo_kit.modeling import FlamingoModel, FlamingoOutput
 from flamingo_kit.processing import EOC_TOKEN, IMAGE_TOKEN, FlamingoProcessor
 
-__all__ = ["EOC_TOKEN", "IMAGE_TOKEN", "FlamingoProcessor"]
+__all__ = [
+    "EOC_TOKEN",
+    "IMAGE_TOKEN",
+    "FlamingoConfig",
+    "FlamingoModel",
+    "FlamingoOutput",
+    "FlamingoProcessor",
+    "PrefixState",
+]

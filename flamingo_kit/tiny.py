@@ -10,7 +10,7 @@ from __future__ import annotations
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     PretrainedConfig,
@@ -99,9 +99,9 @@ def build_vision(kind: str = "clip", seed: int = 0, **shape) -> PreTrainedModel:
     return cls(config).eval()
 
 
-def image_processor(image_size: int = 32) -> CLIPImageProcessor:
+def image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
     """A PIL-based image processor that resizes/crops to ``image_size`` with CLIP statistics."""
-    return CLIPImageProcessor(
+    return CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     )

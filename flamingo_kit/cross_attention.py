@@ -1,0 +1,159 @@
+"""Gated cross-attention from text tokens to image latents, and which image each token sees.
+
+``MediaLayout`` is computed once per forward call from the token ids and shared by every
+cross-attention layer. Under ``immediate`` each token attends only to the latents of the most
+recent ``<image>`` at or before it. Tokens are grouped by the image they see and cut into
+fixed-size chunks, so attention runs as one fused ``scaled_dot_product_attention`` over
+``[chunks, heads, chunk, latents]``: the work per token is one image's latents whatever the
+number of images in the sequence, and no dense ``[T, N_images x latents]`` mask is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flamingo_kit.perceiver import feed_forward
+
+MAX_CHUNK = 64
+
+
+@dataclass
+class ChunkPlan:
+    """Where each token that sees an image goes in the chunked query tensor."""
+
+    tokens: torch.Tensor  # [A] flat indices (b * T + t) of tokens that see an image
+    chunk: torch.Tensor  # [A] chunk of each such token
+    slot: torch.Tensor  # [A] position of the token inside its chunk
+    chunk_media: torch.Tensor  # [n_chunks] flat image index (b * N + n) each chunk attends to
+    chunk_size: int
+
+    @classmethod
+    def build(cls, media_index: torch.Tensor, num_media: int) -> ChunkPlan:
+        """Group tokens by (row, image); ``media_index`` is non-decreasing along each row."""
+        b, t = media_index.shape
+        flat = media_index.reshape(-1)
+        tokens = torch.nonzero(flat >= 0).squeeze(1)
+        group = (tokens // t) * num_media + flat[tokens]  # sorted: rows, then images
+        counts = torch.bincount(group, minlength=b * num_media)
+        n_groups = int((counts > 0).sum())
+        # Chunks about as long as an average group: little padding, few key/value copies.
+        mean_len = max(tokens.numel() / max(n_groups, 1), 1.0)
+        size = min(MAX_CHUNK, 2 ** int(math.log2(mean_len)))
+        chunks_per_group = (counts + size - 1) // size
+        chunk_start = torch.cumsum(chunks_per_group, 0) - chunks_per_group
+        group_start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(tokens.numel(), device=flat.device) - group_start[group]
+        chunk_media = torch.repeat_interleave(
+            torch.arange(b * num_media, device=flat.device), chunks_per_group
+        )
+        return cls(tokens, chunk_start[group] + rank // size, rank % size, chunk_media, size)
+
+
+@dataclass
+class MediaLayout:
+    """Which images each text token may attend to, for one forward call.
+
+    ``media_index[b, t]`` is the index of the latest image at or before token t of row b
+    (counting images already in a KV cache), ``-1`` before the first image.
+    """
+
+    media_index: torch.Tensor  # [B, T] long
+    num_media: int
+    policy: str
+    plan: ChunkPlan | None = None  # immediate
+    visible: torch.Tensor | None = None  # all_previous: [B, T, N] bool
+
+    @property
+    def has_media(self) -> torch.Tensor:
+        """``[B, T, 1]`` bool: the token sees at least one image."""
+        return (self.media_index >= 0).unsqueeze(-1)
+
+    @classmethod
+    def build(
+        cls,
+        input_ids: torch.Tensor,
+        image_token_id: int,
+        num_media: int,
+        policy: str,
+        images_before: torch.Tensor | None = None,
+    ) -> MediaLayout:
+        """Layout for ``input_ids``; ``images_before[b]`` counts row b's images in the cache."""
+        seen = torch.cumsum((input_ids == image_token_id).long(), dim=1)
+        if images_before is not None:
+            seen = seen + images_before.to(seen.device)[:, None]
+        media_index = seen - 1
+        if policy == "immediate":
+            return cls(media_index, num_media, policy, plan=ChunkPlan.build(media_index, num_media))
+        media = torch.arange(num_media, device=input_ids.device)
+        return cls(media_index, num_media, policy, visible=media <= media_index[..., None])
+
+
+def cross_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: MediaLayout
+) -> torch.Tensor:
+    """q ``[B, T, H, d]``; k, v ``[B, N, H, L, d]`` -> ``[B, T, H, d]``, zero where no image."""
+    b, t, h, d = q.shape
+    if layout.plan is not None:
+        plan = layout.plan
+        n_chunks = plan.chunk_media.numel()
+        if n_chunks == 0:
+            return torch.zeros_like(q)
+        q_chunks = q.new_zeros(n_chunks, plan.chunk_size, h, d)
+        q_chunks[plan.chunk, plan.slot] = q.reshape(b * t, h, d)[plan.tokens]
+        k_chunks = k.flatten(0, 1)[plan.chunk_media]
+        v_chunks = v.flatten(0, 1)[plan.chunk_media]
+        out = F.scaled_dot_product_attention(q_chunks.transpose(1, 2), k_chunks, v_chunks)
+        per_token = out.transpose(1, 2)[plan.chunk, plan.slot]
+        return q.new_zeros(b * t, h, d).index_put((plan.tokens,), per_token).view(b, t, h, d)
+    # all_previous: a token's keys are all latents of images 0..media_index (inherently O(N)).
+    n, lat = k.shape[1], k.shape[3]
+    keys = k.permute(0, 2, 1, 3, 4).reshape(b, h, n * lat, d)
+    values = v.permute(0, 2, 1, 3, 4).reshape(b, h, n * lat, d)
+    mask = layout.visible.repeat_interleave(lat, dim=-1)
+    mask = mask | ~layout.has_media  # rows with nothing visible would give NaN; zeroed below
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
+    return out.transpose(1, 2) * layout.has_media[..., None]
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention then feed-forward, each scaled by ``tanh(gate)``.
+
+    Gates start at 0, so a freshly built model computes exactly what the frozen LM computes.
+    Tokens that see no image get exactly zero from the whole block.
+    """
+
+    def __init__(self, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = heads * dim_head
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = feed_forward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def project_media(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents ``[B, N, L, D]`` -> keys, values ``[B, N, H, L, d]`` (cacheable per image)."""
+        k, v = self.to_kv(latents).chunk(2, dim=-1)
+        return tuple(x.unflatten(-1, (self.heads, self.dim_head)).transpose(2, 3) for x in (k, v))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        media_kv: tuple[torch.Tensor, torch.Tensor],
+        layout: MediaLayout,
+    ) -> torch.Tensor:
+        """hidden ``[B, T, D]`` -> hidden with the gated image information added."""
+        q = self.to_q(self.norm(hidden)).unflatten(-1, (self.heads, self.dim_head))
+        k, v = media_kv
+        attn = cross_attend(q, k.to(q.dtype), v.to(q.dtype), layout).flatten(-2)
+        mask = layout.has_media.to(hidden.dtype)
+        hidden = hidden + torch.tanh(self.attn_gate).to(hidden.dtype) * self.to_out(attn) * mask
+        return hidden + torch.tanh(self.ff_gate).to(hidden.dtype) * self.ff(hidden) * mask

@@ -1,0 +1,305 @@
+"""Generation with three caches: the LM's KV cache, image latents, and cross-attention K/V.
+
+One ``generate`` call encodes each image once (before beams are expanded), projects each cross-
+attention layer's image keys/values once, and then decodes token by token from the LM's KV
+cache. ``prefill`` computes all of that for a shared prefix (e.g. k demonstrations) so many
+queries can continue from it without recomputing it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from flamingo_kit.cross_attention import MediaLayout
+from flamingo_kit.lm_integration import MediaState
+
+
+@dataclass
+class PrefixState:
+    """Caches of a shared prompt prefix (batch of one), as returned by ``prefill``."""
+
+    past_key_values: object
+    attention_mask: torch.Tensor  # [1, P]
+    latents: torch.Tensor | None  # [1, N0, L, D] or None without images
+    kv_cache: dict  # layer slot -> (k, v) of the prefix images
+
+
+@dataclass
+class _Decoding:
+    """Per-row state shared by the decoding loops."""
+
+    past_key_values: object
+    attention_mask: torch.Tensor
+    media: MediaState | None
+    logits: torch.Tensor  # [B, V] next-token logits after the prompt
+
+    def expand(self, repeats: int) -> None:
+        """Repeat every row ``repeats`` times (beams), without recomputing anything."""
+        self.past_key_values.batch_repeat_interleave(repeats)
+        self.attention_mask = self.attention_mask.repeat_interleave(repeats, 0)
+        self.logits = self.logits.repeat_interleave(repeats, 0)
+        if self.media is not None:
+            self.media = _repeat_media(self.media, repeats)
+
+
+def _repeat_media(media: MediaState, repeats: int) -> MediaState:
+    kv = {s: tuple(t.repeat_interleave(repeats, 0) for t in kv) for s, kv in media.kv_cache.items()}
+    index = media.layout.media_index.repeat_interleave(repeats, 0)
+    layout = _single_step_layout(index, media.layout)
+    return MediaState(None, layout, kv)
+
+
+def _single_step_layout(media_index: torch.Tensor, like: MediaLayout) -> MediaLayout:
+    """Layout for one new token per row that sees the images ``media_index`` points at."""
+    if like.policy == "immediate":
+        return MediaLayout.build(
+            torch.zeros_like(media_index), -1, like.num_media, like.policy, media_index[:, 0] + 1
+        )
+    visible = torch.arange(like.num_media, device=media_index.device) <= media_index[..., None]
+    return MediaLayout(media_index, like.num_media, like.policy, visible=visible)
+
+
+class GenerationMixin:
+    """``generate`` and ``prefill`` for :class:`~flamingo_kit.FlamingoModel`."""
+
+    def _stop_ids(self, eos_token_id) -> torch.Tensor:
+        if eos_token_id is None:
+            eos_token_id = [self.eoc_token_id]
+            lm_eos = getattr(self.lm.config.get_text_config(), "eos_token_id", None)
+            eos_token_id += lm_eos if isinstance(lm_eos, list) else [lm_eos]
+        elif isinstance(eos_token_id, int):
+            eos_token_id = [eos_token_id]
+        return torch.tensor([i for i in eos_token_id if i is not None])
+
+    def _decode_state(self, media: MediaState | None) -> MediaState | None:
+        """After the prompt: each row keeps only the keys/values its new tokens will see."""
+        if media is None:
+            return None
+        counts = media.layout.media_index[:, -1:]  # last image index per row, -1 if none
+        if media.layout.policy != "immediate":
+            return MediaState(None, _single_step_layout(counts, media.layout), media.kv_cache)
+        rows = torch.arange(counts.shape[0], device=counts.device)
+        latest = counts[:, 0].clamp(min=0)
+        # Under `immediate` a new token sees only the latest image: gather its K/V once.
+        kv = {s: tuple(t[rows, latest].unsqueeze(1) for t in kv) for s, kv in media.kv_cache.items()}
+        layout = MediaLayout(counts.clamp(max=0), 1, "immediate")
+        return MediaState(None, _single_step_layout(layout.media_index, layout), kv)
+
+    def _prompt_forward(self, input_ids, attention_mask, pixel_values, prefix) -> _Decoding:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded for generation "
+                             "(processor(..., padding_side='left'))")
+        past = None
+        if prefix is not None:
+            past, attention_mask, media = self._continue_prefix(
+                prefix, input_ids, attention_mask, pixel_values
+            )
+        else:
+            media = self.media_state(input_ids, pixel_values)
+        out = self(input_ids=input_ids, attention_mask=attention_mask, media=media,
+                   past_key_values=past, use_cache=True, logits_to_keep=1)
+        return _Decoding(out.past_key_values, attention_mask, self._decode_state(media),
+                         out.logits[:, -1].float())
+
+    def _continue_prefix(self, prefix: PrefixState, input_ids, attention_mask, pixel_values):
+        """Caches of ``prefix`` repeated for each query, plus the queries' own images."""
+        b = input_ids.shape[0]
+        past = copy.deepcopy(prefix.past_key_values)
+        past.batch_repeat_interleave(b)
+        mask = torch.cat([prefix.attention_mask.expand(b, -1), attention_mask], dim=1)
+        n0 = 0 if prefix.latents is None else prefix.latents.shape[1]
+        new = self.media_state(input_ids, pixel_values)
+        if n0 == 0:
+            return past, mask, new
+        latents = prefix.latents.expand(b, -1, -1, -1)
+        prefix_kv = {s: tuple(t.expand(b, *t.shape[1:]) for t in kv)
+                     for s, kv in prefix.kv_cache.items()}
+        if new is not None:
+            latents = torch.cat([latents, new.latents], dim=1)
+        layout = MediaLayout.build(input_ids, self.image_token_id, latents.shape[1],
+                                   self.config.media_policy,
+                                   images_before=torch.full((b,), n0, device=input_ids.device))
+        return past, mask, MediaState(latents, layout, {}, prefix_kv=prefix_kv)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> PrefixState:
+        """Run a shared prefix (batch of one) once; pass the result as ``generate(prefix=...)``."""
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"prefill takes one shared prefix (batch of 1), got {input_ids.shape[0]}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        media = self.media_state(input_ids, pixel_values)
+        out = self(input_ids=input_ids, attention_mask=attention_mask, media=media,
+                   use_cache=True, logits_to_keep=1)
+        if media is not None:  # every layer's K/V, also those no prefix token needed
+            for slot, block in enumerate(self._xattn_blocks()):
+                media.media_kv(slot, block)
+        return PrefixState(out.past_key_values, attention_mask,
+                           None if media is None else media.latents,
+                           {} if media is None else media.kv_cache)
+
+    def _xattn_blocks(self):
+        from flamingo_kit.lm_integration import find_decoder_layers
+
+        return [layer.xattn for layer in find_decoder_layers(self.lm) if hasattr(layer, "xattn")]
+
+    def _step(self, state: _Decoding, tokens: torch.Tensor) -> None:
+        """Feed one new token per row; updates caches and next-token logits in place."""
+        state.attention_mask = torch.cat(
+            [state.attention_mask, state.attention_mask.new_ones(tokens.shape[0], 1)], dim=1
+        )
+        out = self(input_ids=tokens[:, None], attention_mask=state.attention_mask, media=state.media,
+                   past_key_values=state.past_key_values, use_cache=True)
+        state.past_key_values = out.past_key_values
+        state.logits = out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        length_penalty: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        prefix: PrefixState | None = None,
+        return_prompt: bool = False,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Continue left-padded prompts; returns the new token ids ``[B, n_new]``.
+
+        Stops a row at ``<|endofchunk|>`` or the LM's EOS (or ``eos_token_id``); finished rows
+        are filled with ``pad_token_id``. ``seed`` makes sampling reproducible.
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if num_beams > 1 and do_sample:
+            raise ValueError("choose beam search (num_beams > 1) or sampling, not both")
+        was_training = self.training
+        self.eval()
+        try:
+            stop = self._stop_ids(eos_token_id).to(input_ids.device)
+            pad = pad_token_id if pad_token_id is not None else int(stop[-1])
+            state = self._prompt_forward(input_ids, attention_mask, pixel_values, prefix)
+            if num_beams > 1:
+                new = self._beam_search(state, num_beams, max_new_tokens, stop, pad, length_penalty)
+            else:
+                generator = None
+                if seed is not None:
+                    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+                sampler = _Sampler(do_sample, temperature, top_p, top_k, generator)
+                new = self._sample(state, max_new_tokens, stop, pad, sampler)
+        finally:
+            self.train(was_training)
+        return torch.cat([input_ids, new], dim=1) if return_prompt else new
+
+    def _suppress(self, logits: torch.Tensor) -> torch.Tensor:
+        """A generated ``<image>`` would have no image: never emit it."""
+        logits[:, self.image_token_id] = float("-inf")
+        return logits
+
+    def _sample(self, state: _Decoding, max_new: int, stop, pad: int, sampler) -> torch.Tensor:
+        b = state.logits.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=state.logits.device)
+        out = []
+        for step in range(max_new):
+            token = sampler(self._suppress(state.logits))
+            token = token.masked_fill(done, pad)
+            out.append(token)
+            done |= torch.isin(token, stop)
+            if bool(done.all()) or step == max_new - 1:
+                break
+            self._step(state, token)
+        return torch.stack(out, dim=1)
+
+    def _beam_search(self, state, num_beams, max_new, stop, pad, length_penalty) -> torch.Tensor:
+        b = state.logits.shape[0]
+        state.expand(num_beams)
+        device = state.logits.device
+        scores = torch.zeros(b, num_beams, device=device)
+        scores[:, 1:] = float("-inf")  # all beams start identical: keep one
+        tokens = torch.empty(b * num_beams, 0, dtype=torch.long, device=device)
+        finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(b)]
+        for step in range(max_new):
+            logp = torch.log_softmax(self._suppress(state.logits), dim=-1)
+            vocab = logp.shape[-1]
+            cand = (scores.view(-1, 1) + logp).view(b, num_beams * vocab)
+            top_scores, top_idx = cand.topk(2 * num_beams, dim=1)
+            next_scores = torch.full_like(scores, float("-inf"))
+            next_beam = torch.zeros(b, num_beams, dtype=torch.long, device=device)
+            next_token = torch.full((b, num_beams), pad, dtype=torch.long, device=device)
+            for i in range(b):
+                kept = 0
+                for score, idx in zip(top_scores[i].tolist(), top_idx[i].tolist()):
+                    beam, token = divmod(idx, vocab)
+                    seq = torch.cat([tokens[i * num_beams + beam], tokens.new_tensor([token])])
+                    if token in stop.tolist():
+                        if len(finished[i]) < num_beams:
+                            finished[i].append((score / len(seq) ** length_penalty, seq))
+                        continue
+                    next_scores[i, kept], next_beam[i, kept], next_token[i, kept] = score, beam, token
+                    kept += 1
+                    if kept == num_beams:
+                        break
+            rows = (next_beam + torch.arange(b, device=device)[:, None] * num_beams).view(-1)
+            tokens = torch.cat([tokens[rows], next_token.view(-1, 1)], dim=1)
+            scores = next_scores
+            if all(len(f) >= num_beams for f in finished) or step == max_new - 1:
+                break
+            state.past_key_values.reorder_cache(rows)
+            state.attention_mask = state.attention_mask[rows]
+            self._step(state, next_token.view(-1))
+        for i in range(b):  # unfinished beams compete with finished ones at the end
+            for beam in range(num_beams):
+                if scores[i, beam] > float("-inf"):
+                    seq = tokens[i * num_beams + beam]
+                    finished[i].append((float(scores[i, beam]) / len(seq) ** length_penalty, seq))
+        best = [max(f, key=lambda item: item[0])[1] for f in finished]
+        width = max(len(s) for s in best)
+        out = torch.full((b, width), pad, dtype=torch.long, device=device)
+        for i, seq in enumerate(best):
+            out[i, : len(seq)] = seq
+        return out
+
+
+class _Sampler:
+    """Greedy choice or temperature / top-k / top-p sampling of the next token."""
+
+    def __init__(self, do_sample, temperature, top_p, top_k, generator):
+        if do_sample and temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling")
+        if not 0 < top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.do_sample:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k > 0:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the token crossing top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

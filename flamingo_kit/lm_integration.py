@@ -1,0 +1,156 @@
+"""Insert gated cross-attention into any Hugging Face decoder-only LM.
+
+The decoder blocks are found structurally (the ModuleList holding ``num_hidden_layers`` blocks of
+one class), never by a table of class names, and the model's classes are never swapped. Every
+n-th block is wrapped by ``FlamingoLayer``, which applies its cross-attention block to the
+hidden states and then calls the original block unchanged.
+
+Media reach the wrapped layers through ``media_scope``: a context variable set for the duration
+of one forward call. Nothing about a call stays on the layers after it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flamingo_kit.cross_attention import GatedCrossAttentionBlock, MediaLayout
+
+
+@dataclass
+class MediaState:
+    """Everything the cross-attention layers need for one forward call.
+
+    ``kv_cache`` holds each layer's projected image keys/values; generation keeps the same dict
+    across decoding steps so they are computed once per image, not once per step.
+    """
+
+    latents: torch.Tensor | None  # [B, N, L, D] image latents (None once K/V are all cached)
+    layout: MediaLayout
+    kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # K/V of the first images, computed earlier (a shared prefix): only the rest are projected.
+    prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def media_kv(self, slot: int, block: GatedCrossAttentionBlock):
+        """Keys/values of layer ``slot``, projected on first use and cached."""
+        if slot not in self.kv_cache:
+            done = self.prefix_kv.get(slot)
+            n_done = 0 if done is None else done[0].shape[1]
+            kv = block.project_media(self.latents[:, n_done:])
+            if done is not None:
+                kv = tuple(torch.cat([old, new], dim=1) for old, new in zip(done, kv))
+            self.kv_cache[slot] = kv
+        return self.kv_cache[slot]
+
+
+_ACTIVE_MEDIA: ContextVar[MediaState | None] = ContextVar("flamingo_media", default=None)
+
+
+@contextlib.contextmanager
+def media_scope(state: MediaState | None) -> Iterator[None]:
+    """Make ``state`` visible to the wrapped layers for the calls inside the block."""
+    token = _ACTIVE_MEDIA.set(state)
+    try:
+        yield
+    finally:
+        _ACTIVE_MEDIA.reset(token)
+
+
+def current_media() -> MediaState | None:
+    """The media state of the forward call in progress, if any."""
+    return _ACTIVE_MEDIA.get()
+
+
+class FlamingoLayer(nn.Module):
+    """A decoder block preceded by a gated cross-attention block.
+
+    Attribute lookups the LM makes on its blocks (e.g. ``attention_type``) fall through to the
+    wrapped block, so the LM's own forward code runs unchanged.
+    """
+
+    def __init__(self, decoder_layer: nn.Module, xattn: GatedCrossAttentionBlock, slot: int):
+        super().__init__()
+        self.decoder_layer = decoder_layer
+        self.xattn = xattn
+        self.slot = slot
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("decoder_layer"), name)
+
+    def forward(self, *args, **kwargs):
+        state = current_media()
+        if state is not None:
+            kv = state.media_kv(self.slot, self.xattn)
+            if args:
+                args = (self.xattn(args[0], kv, state.layout), *args[1:])
+            else:
+                kwargs["hidden_states"] = self.xattn(kwargs["hidden_states"], kv, state.layout)
+        return self.decoder_layer(*args, **kwargs)
+
+
+def num_decoder_layers(lm: nn.Module) -> int:
+    """Number of decoder blocks declared by the LM's (text) config."""
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    return int(config.num_hidden_layers)
+
+
+def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks: ``num_hidden_layers`` modules of one class.
+
+    When several lists qualify (rare), the one holding the most parameters wins.
+    """
+    n_layers = num_decoder_layers(lm)
+    candidates = [
+        module
+        for module in lm.modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == n_layers
+        and len({type(block) for block in module}) == 1
+    ]
+    if not candidates:
+        raise ValueError(
+            f"no ModuleList of {n_layers} identical decoder blocks found in "
+            f"{type(lm).__name__}; is it a decoder-only causal LM?"
+        )
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def cross_attention_layer_indices(n_layers: int, every_n: int) -> list[int]:
+    """Blocks preceded by cross-attention: every ``every_n``-th, counting from 1."""
+    return [i for i in range(n_layers) if (i + 1) % every_n == 0]
+
+
+def insert_cross_attention(
+    lm: nn.Module, make_block, every_n: int
+) -> list[GatedCrossAttentionBlock]:
+    """Wrap every ``every_n``-th decoder block of ``lm`` in place; return the new blocks."""
+    layers = find_decoder_layers(lm)
+    blocks = []
+    for slot, index in enumerate(cross_attention_layer_indices(len(layers), every_n)):
+        block = make_block()
+        layers[index] = FlamingoLayer(layers[index], block, slot)
+        blocks.append(block)
+    if not blocks:
+        raise ValueError(
+            f"cross_attn_every_n_layers={every_n} inserts no cross-attention into an LM with "
+            f"{len(layers)} layers"
+        )
+    return blocks
+
+
+def bare_lm_state_dict(lm: nn.Module) -> dict[str, torch.Tensor]:
+    """The LM's state dict with the original key names: wrappers and adapters removed."""
+    out = {}
+    for key, value in lm.state_dict().items():
+        if ".xattn." in key or "lora_" in key:
+            continue
+        out[key.replace(".decoder_layer.", ".").replace(".base_layer.", ".")] = value
+    return out

@@ -1,0 +1,408 @@
+"""FlamingoModel: a frozen decoder LM and vision tower joined by a resampler and cross-attention.
+
+Reading order: ``from_parts`` (assembly), ``forward`` (embed -> encode images -> LM with media in
+scope -> logits), then saving and loading. Generation lives in ``generation.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import ModelOutput
+
+from flamingo_kit.config import FlamingoConfig
+from flamingo_kit.cross_attention import GatedCrossAttentionBlock, MediaLayout
+from flamingo_kit.generation import GenerationMixin
+from flamingo_kit.lm_integration import (
+    MediaState,
+    bare_lm_state_dict,
+    find_decoder_layers,
+    insert_cross_attention,
+    media_scope,
+)
+from flamingo_kit.parts import VisionEncoder, load_lm, load_vision
+from flamingo_kit.perceiver import PerceiverResampler
+
+# The model whose forward call is in progress: its LM-head hook then adds media-token logits.
+_CALLING_MODEL: ContextVar[nn.Module | None] = ContextVar("flamingo_model", default=None)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FlamingoOutput(ModelOutput):
+    """Output of :meth:`FlamingoModel.forward`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) over labels that are not -100 nor padding."""
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, -100)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
+
+
+class FlamingoModel(GenerationMixin, nn.Module):
+    """Flamingo-style vision-language model around any HF causal LM and vision tower.
+
+    Build with :meth:`from_parts` or load with :meth:`from_pretrained`. ``model(**batch)`` takes
+    the processor's output; ``pixel_values`` is ``[B, N_images, F, C, H, W]`` and image n of row
+    b is used iff row b holds more than n ``<image>`` tokens (padding images are never encoded).
+    """
+
+    def __init__(self, lm: nn.Module, vision: nn.Module, config: FlamingoConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(vision)
+        lm_dim = lm.config.get_text_config().hidden_size
+        self._init_media_token_ids(lm, config)
+        if config.lora:
+            lm = _inject_lora(lm, config.lora)
+        self.lm = lm
+        self.perceiver = PerceiverResampler(
+            dim=self.vision.hidden_size,
+            out_dim=lm_dim,
+            num_latents=config.perceiver_num_latents,
+            depth=config.perceiver_depth,
+            heads=config.perceiver_heads,
+            dim_head=config.perceiver_dim_head,
+            ff_mult=config.perceiver_ff_mult,
+            max_media=config.perceiver_max_media,
+            max_frames=config.perceiver_max_frames,
+        )
+        insert_cross_attention(
+            lm,
+            lambda: GatedCrossAttentionBlock(
+                lm_dim, lm_dim, config.xattn_heads, config.xattn_dim_head, config.xattn_ff_mult
+            ),
+            config.cross_attn_every_n_layers,
+        )
+        self._init_new_token_rows()
+        self._apply_freezing()
+
+    # -- assembly ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_parts(
+        cls,
+        lm: nn.Module | str | os.PathLike,
+        vision: nn.Module | str | os.PathLike,
+        config: FlamingoConfig | None = None,
+        processor=None,
+        dtype: torch.dtype | None = None,
+    ) -> FlamingoModel:
+        """Join an LM and a vision tower (modules or local directories).
+
+        With ``processor`` (or a tokenizer) the media-token ids are the ones it assigned;
+        otherwise they are appended after the LM's vocabulary.
+        """
+        config = FlamingoConfig.from_dict((config or FlamingoConfig()).to_dict())
+        lm, config.lm_source = load_lm(lm, dtype)
+        vision, config.vision_source = load_vision(vision, dtype)
+        if processor is not None:
+            tokenizer = getattr(processor, "tokenizer", processor)
+            from flamingo_kit.processing import add_flamingo_tokens
+
+            config.image_token_id, config.eoc_token_id = add_flamingo_tokens(tokenizer)
+        return cls(lm, vision, config)
+
+    def _init_media_token_ids(self, lm: nn.Module, config: FlamingoConfig) -> None:
+        vocab = lm.get_input_embeddings().num_embeddings
+        if config.image_token_id is None:
+            config.image_token_id = vocab
+        if config.eoc_token_id is None:
+            config.eoc_token_id = config.image_token_id + 1
+        if config.image_token_id == config.eoc_token_id:
+            raise ValueError("image_token_id and eoc_token_id must differ")
+        self.image_token_id, self.eoc_token_id = config.image_token_id, config.eoc_token_id
+        self.register_buffer(
+            "media_token_ids",
+            torch.tensor([config.image_token_id, config.eoc_token_id]),
+            persistent=False,
+        )
+        self.vocab_size = max(vocab, lm.get_output_embeddings().weight.shape[0],
+                              config.image_token_id + 1, config.eoc_token_id + 1)
+
+    @torch.no_grad()
+    def _init_new_token_rows(self) -> None:
+        """New-token rows start at the mean of the LM's rows: plausible, not dominant."""
+        embed = self.lm.get_input_embeddings()
+        n, total = embed.num_embeddings, None
+        for start in range(0, n, 8192):  # chunked: vocabularies can be large
+            ids = torch.arange(start, min(n, start + 8192), device=embed.weight.device)
+            part = embed(ids).float().sum(0)
+            total = part if total is None else total + part
+        self.new_token_embeddings = nn.Parameter((total / n).repeat(2, 1))
+        head = self.lm.get_output_embeddings()
+        self.new_token_head = nn.Parameter(head.weight.float().mean(0).repeat(2, 1))
+        bias = getattr(head, "bias", None)
+        init_bias = bias.float().mean() if bias is not None else torch.tensor(0.0)
+        self.new_token_head_bias = nn.Parameter(init_bias.repeat(2))
+        self._head_hook = head.register_forward_hook(self._extend_logits)
+
+    def _apply_freezing(self) -> None:
+        cfg = self.config
+        self.lm.requires_grad_(not cfg.freeze_lm)
+        self.vision.requires_grad_(not cfg.freeze_vision)
+        for name, param in self.lm.named_parameters():
+            if ".xattn." in name or (cfg.lora and "lora_" in name):
+                param.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> FlamingoModel:
+        """Like ``nn.Module.train`` but frozen towers stay in eval mode (no dropout)."""
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision.eval()
+        if self.config.freeze_lm:
+            self.lm.eval()
+            for layer in find_decoder_layers(self.lm):
+                if hasattr(layer, "xattn"):
+                    layer.xattn.train(mode)
+        return self
+
+    def trainable_parameters(self):
+        """Parameters the optimizer should update."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def trainable_parameters_report(self) -> str:
+        """A table of trainable / total parameter counts per part."""
+        parts = {"vision tower": [], "perceiver": [], "cross-attention": [],
+                 "new-token rows": [], "lm (incl. LoRA)": []}
+        for name, p in self.named_parameters():
+            if name.startswith("vision."):
+                parts["vision tower"].append(p)
+            elif name.startswith("perceiver."):
+                parts["perceiver"].append(p)
+            elif ".xattn." in name:
+                parts["cross-attention"].append(p)
+            elif name.startswith("new_token"):
+                parts["new-token rows"].append(p)
+            else:
+                parts["lm (incl. LoRA)"].append(p)
+        lines = [f"{'part':<18}{'trainable':>14}{'total':>14}"]
+        for part, params in parts.items():
+            trainable = sum(p.numel() for p in params if p.requires_grad)
+            lines.append(f"{part:<18}{trainable:>14,}{sum(p.numel() for p in params):>14,}")
+        return "\n".join(lines)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings: the frozen table, except media tokens from the trainable rows."""
+        embed = self.lm.get_input_embeddings()
+        is_image = input_ids == self.image_token_id
+        is_new = is_image | (input_ids == self.eoc_token_id)
+        if bool((input_ids[~is_new] >= embed.num_embeddings).any()):
+            raise ValueError(f"input_ids hold ids >= the LM vocabulary ({embed.num_embeddings})")
+        base = embed(input_ids.masked_fill(is_new, 0))
+        new = self.new_token_embeddings[(~is_image).long()].to(base.dtype)
+        return torch.where(is_new[..., None], new, base)
+
+    def _extend_logits(self, module, args, logits):
+        """Forward hook on the LM head: add the media tokens' logits inside Flamingo calls."""
+        if _CALLING_MODEL.get() is not self:
+            return None
+        hidden = args[0]
+        extra = F.linear(hidden, self.new_token_head.to(hidden.dtype),
+                         self.new_token_head_bias.to(hidden.dtype)).to(logits.dtype)
+        if logits.shape[-1] < self.vocab_size:
+            pad = logits.new_full((*logits.shape[:-1], self.vocab_size - logits.shape[-1]),
+                                  torch.finfo(logits.dtype).min)
+            logits = torch.cat([logits, pad], dim=-1)
+        return logits.index_copy(-1, self.media_token_ids, extra)
+
+    def encode_images(self, pixel_values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, N, L, D]`` of the first ``counts[b]`` images of each row (others 0)."""
+        b, n = pixel_values.shape[:2]
+        valid = torch.arange(n, device=counts.device)[None] < counts[:, None]
+        positions = torch.arange(n, device=counts.device).expand(b, n)[valid]
+        patches = self.vision(pixel_values[valid.to(pixel_values.device)])
+        latents = self.perceiver(patches.to(self.perceiver.latents.dtype), positions)
+        out = latents.new_zeros(b, n, *latents.shape[1:])
+        return out.index_put((valid,), latents)
+
+    def media_state(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> MediaState | None:
+        """Encode the images of a batch and lay out which token sees which image."""
+        counts = (input_ids == self.image_token_id).sum(1)
+        n_max = int(counts.max()) if counts.numel() else 0
+        if n_max == 0:
+            return None
+        if pixel_values is None:
+            raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
+        if pixel_values.dim() == 5:  # [B, N, C, H, W]: one frame per image
+            pixel_values = pixel_values.unsqueeze(2)
+        if pixel_values.dim() != 6 or pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"pixel_values must be [B, N_images, F, C, H, W] with B={input_ids.shape[0]}, "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[1] < n_max:
+            raise ValueError(
+                f"a row has {n_max} <image> tokens but pixel_values holds only "
+                f"{pixel_values.shape[1]} images per row"
+            )
+        latents = self.encode_images(pixel_values, counts)
+        layout = MediaLayout.build(
+            input_ids, self.image_token_id, latents.shape[1], self.config.media_policy
+        )
+        return MediaState(latents, layout)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        media: MediaState | None = None,
+        **lm_kwargs,
+    ) -> FlamingoOutput:
+        """Logits over the LM vocabulary plus the media tokens; loss when ``labels`` given.
+
+        ``media`` (from :meth:`media_state`, or a generation cache) replaces ``pixel_values``.
+        """
+        if media is None:
+            media = self.media_state(input_ids, pixel_values)
+        if position_ids is None and attention_mask is not None:
+            # Positions count real tokens only, so left padding does not shift them.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = position_ids[:, -input_ids.shape[1]:]
+        calling = _CALLING_MODEL.set(self)
+        try:
+            with media_scope(media):
+                out = self.lm(
+                    inputs_embeds=self.embed(input_ids),
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=use_cache,
+                    **lm_kwargs,
+                )
+        finally:
+            _CALLING_MODEL.reset(calling)
+        loss = causal_lm_loss(out.logits, labels, attention_mask) if labels is not None else None
+        return FlamingoOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values)
+
+    # -- saving and loading -----------------------------------------------------------------
+
+    def _saved_keys(self) -> list[str]:
+        """State-dict keys that ``save_pretrained`` writes: the parts that can train."""
+        cfg = self.config
+
+        def saved(key: str) -> bool:
+            return (
+                key.startswith(("perceiver.", "new_token_"))
+                or ".xattn." in key
+                or (bool(cfg.lora) and "lora_" in key)
+                or (not cfg.freeze_lm and key.startswith("lm."))
+                or (not cfg.freeze_vision and key.startswith("vision."))
+            )
+
+        return [k for k in self.state_dict() if saved(k)]
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (trainable weights).
+
+        Frozen parts built from a config (no checkpoint to point at) are written beside them in
+        ``lm/`` and ``vision/`` so the directory reloads on its own.
+        """
+        os.makedirs(directory, exist_ok=True)
+        config = FlamingoConfig.from_dict(self.config.to_dict())
+        if "path" not in config.lm_source:
+            self.lm.save_pretrained(os.path.join(directory, "lm"),
+                                    state_dict=bare_lm_state_dict(self.lm))
+            config.lm_source = {"path": "lm"}
+        if "path" not in config.vision_source:
+            self.vision.tower.save_pretrained(os.path.join(directory, "vision"))
+            config.vision_source = {"path": "vision"}
+        state = self.state_dict()
+        tensors = {k: state[k].detach().cpu().contiguous().clone() for k in self._saved_keys()}
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump({"model_type": "flamingo_kit", "format_version": FORMAT_VERSION,
+                       **config.to_dict()}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> FlamingoModel:
+        """Rebuild from ``save_pretrained`` output; every saved key must match exactly."""
+        directory = os.fspath(directory)
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            data = json.load(f)
+        if data.pop("model_type", None) != "flamingo_kit":
+            raise ValueError(f"{directory}/{CONFIG_NAME} is not a flamingo_kit config")
+        data.pop("format_version", None)
+        config = FlamingoConfig.from_dict(data)
+        lm, _ = load_lm(_resolve(config.lm_source, directory), dtype)
+        vision, _ = load_vision(_resolve(config.vision_source, directory), dtype)
+        model = cls(lm, vision, config)
+        model.load_trainable_state(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        if dtype is not None:
+            model.to(dtype)
+        return model.to(device) if device is not None else model
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved weights in; missing, unexpected or mis-shaped keys raise, naming them."""
+        expected = set(self._saved_keys())
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise KeyError(
+                "checkpoint does not match the model: "
+                f"missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}"
+            )
+        state = self.state_dict()
+        for key, value in tensors.items():
+            if state[key].shape != value.shape:
+                raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model "
+                                 f"shape {tuple(state[key].shape)}")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                state[key].copy_(value)
+
+
+def _resolve(source: dict[str, Any], directory: str) -> dict[str, Any]:
+    if "path" in source and not os.path.isabs(source["path"]):
+        return {"path": os.path.join(directory, source["path"])}
+    return source
+
+
+def _inject_lora(lm: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """Add LoRA adapters (peft) to the LM's linear layers, before cross-attention exists."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    options = dict(options)
+    lora = LoraConfig(
+        r=options.pop("r", 8),
+        lora_alpha=options.pop("alpha", 16),
+        lora_dropout=options.pop("dropout", 0.0),
+        target_modules=options.pop("target_modules", "all-linear"),
+    )
+    if options:
+        raise ValueError(f"unknown lora options {sorted(options)}; valid: r, alpha, dropout, "
+                         "target_modules")
+    return inject_adapter_in_model(lora, lm)

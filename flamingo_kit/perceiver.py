@@ -1,0 +1,94 @@
+"""Perceiver Resampler: a fixed number of latents summarise each image's patch tokens.
+
+Whatever the vision tower's patch count, every image leaves as ``num_latents`` vectors, so the
+cost of cross-attention in the LM does not depend on image resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """Pre-norm MLP used by the resampler and the gated cross-attention blocks."""
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, dim * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(dim * mult, dim, bias=False),
+    )
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to the concatenation [media tokens ; latents] (Flamingo, eq. in sec. 2.1)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = heads * dim_head
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media ``[M, S, D]``, latents ``[M, L, D]`` -> update for latents ``[M, L, D]``."""
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(-2))
+
+
+class PerceiverResampler(nn.Module):
+    """Patch tokens of each image (all its frames) -> ``num_latents`` tokens of width ``out_dim``.
+
+    Frame embeddings tell frames of a video apart; media-position embeddings tell the n-th image
+    of a sequence from the others, which matters when a token sees several images.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        num_latents: int = 64,
+        depth: int = 6,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        max_media: int = 64,
+        max_frames: int = 8,
+    ):
+        super().__init__()
+        # Small init keeps the latents on the scale of LayerNorm-ed patch tokens.
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
+        self.frame_embs = nn.Parameter(torch.zeros(max_frames, dim))
+        self.media_pos_embs = nn.Parameter(torch.zeros(max_media, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+
+    def forward(self, patches: torch.Tensor, media_positions: torch.Tensor) -> torch.Tensor:
+        """patches ``[M, F, P, D]``, media_positions ``[M]`` -> latents ``[M, L, out_dim]``."""
+        m, frames = patches.shape[:2]
+        if frames > self.frame_embs.shape[0]:
+            raise ValueError(f"{frames} frames per image, more than max_frames={len(self.frame_embs)}")
+        if m and int(media_positions.max()) >= self.media_pos_embs.shape[0]:
+            raise ValueError(
+                f"image position {int(media_positions.max())} exceeds perceiver_max_media="
+                f"{self.media_pos_embs.shape[0]}"
+            )
+        x = patches + self.frame_embs[:frames, None] + self.media_pos_embs[media_positions, None, None]
+        x = x.flatten(1, 2)  # all frames of one image form one token set
+        latents = self.latents.expand(m, -1, -1)
+        for attn, ff in self.layers:
+            latents = latents + attn(x, latents)
+            latents = latents + ff(latents)
+        return self.proj(self.norm(latents))

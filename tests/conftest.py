@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny tokenizer, image processor and Flamingo model built offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from flamingo_kit import (  # noqa: E402
+    FlamingoConfig,
+    FlamingoModel,
+    FlamingoProcessor,
+    tiny,  # noqa: E402
+)
+
+CORPUS = [
+    "A red circle is above a blue square.",
+    "Question: what colour is the circle? Short answer: red",
+    "Output: two green triangles and a yellow star.",
+    "The cat sits on the mat. It is small.",
+] * 20
+
+# Small enough to run everywhere, large enough to exercise multi-head and multi-latent code.
+TINY_FLAMINGO = dict(
+    cross_attn_every_n_layers=1,
+    perceiver_num_latents=8,
+    perceiver_depth=1,
+    perceiver_heads=2,
+    perceiver_dim_head=16,
+    xattn_heads=2,
+    xattn_dim_head=16,
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 300-piece BPE tokenizer (ids 300/301 are <image>/<|endofchunk|>)."""
+    from data_pipelines.tokenizer import train_tokenizer
+
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def image_processor():
+    return tiny.image_processor(32)
+
+
+@pytest.fixture
+def processor(tokenizer, image_processor):
+    return FlamingoProcessor(tokenizer, image_processor)
+
+
+def random_image(seed: int, size: int = 32) -> Image.Image:
+    """A deterministic noise image."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def build_model(family: str = "llama", processor=None, seed: int = 0, **overrides) -> FlamingoModel:
+    """A tiny Flamingo model whose LM vocabulary matches the test tokenizer (300)."""
+    lm = tiny.build_lm(family, seed=seed, vocab_size=300)
+    vision = tiny.build_vision("clip", seed=seed)
+    torch.manual_seed(seed)
+    config = FlamingoConfig(**{**TINY_FLAMINGO, **overrides})
+    return FlamingoModel.from_parts(lm, vision, config, processor=processor)
+
+
+def open_gates(model: FlamingoModel, value: float = 1.0) -> None:
+    """Set every tanh gate so cross-attention actually contributes."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                param.fill_(value)

@@ -1,0 +1,221 @@
+"""Model core: zero-gate identity, locality of cross-attention, training signal, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flamingo_kit import FlamingoModel
+from flamingo_kit.cross_attention import MediaLayout, cross_attend
+from flamingo_kit.lm_integration import find_decoder_layers
+from flamingo_kit.tiny import LM_FAMILIES, build_lm
+from tests.conftest import build_model, open_gates
+
+IMG = 300  # <image> id of the test tokenizer / tiny models
+
+
+def ids_with_images(positions, length=16, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 290, (batch, length), generator=gen)
+    for p in positions:
+        ids[:, p] = IMG
+    return ids
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_zero_gates_equal_the_frozen_lm(family):
+    model = build_model(family)
+    bare = build_lm(family, vocab_size=300)
+    text = torch.randint(3, 290, (2, 12))
+    with torch.no_grad():
+        ours = model(input_ids=text, attention_mask=torch.ones_like(text)).logits
+        ref = bare(input_ids=text).logits
+    assert ours.shape[-1] == 302  # vocabulary + <image> + <|endofchunk|>
+    assert (ours[..., :300] - ref).abs().max() <= 1e-5
+
+    ids = ids_with_images([2, 9])
+    images = torch.randn(2, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=images).logits
+        b = model(input_ids=ids, pixel_values=torch.randn_like(images)).logits
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy", ["immediate", "all_previous"])
+def test_changing_an_image_only_affects_later_tokens(policy):
+    model = build_model("llama", media_policy=policy)
+    open_gates(model)
+    ids = ids_with_images([1, 6, 11], length=16)
+    images = torch.randn(2, 3, 1, 3, 32, 32)
+    with torch.no_grad():
+        base = model(input_ids=ids, pixel_values=images).logits
+        for j, pos in enumerate([1, 6, 11]):
+            changed = images.clone()
+            changed[:, j] = torch.randn_like(changed[:, j])
+            logits = model(input_ids=ids, pixel_values=changed).logits
+            assert torch.allclose(logits[:, :pos], base[:, :pos], atol=1e-6, rtol=0)
+            assert (logits[:, pos:] - base[:, pos:]).abs().max() > 1e-4
+
+
+def test_text_before_first_image_gets_exactly_zero():
+    model = build_model("llama")
+    open_gates(model)
+    ids = ids_with_images([5])
+    layer = next(layer for layer in find_decoder_layers(model.lm) if hasattr(layer, "xattn"))
+    hidden = torch.randn(2, 16, 64)
+    media = model.media_state(ids, torch.randn(2, 1, 1, 3, 32, 32))
+    out = layer.xattn(hidden, media.media_kv(0, layer.xattn), media.layout)
+    assert torch.equal(out[:, :5], hidden[:, :5])
+    assert not torch.equal(out[:, 5:], hidden[:, 5:])
+
+
+@pytest.mark.parametrize("policy", ["immediate", "all_previous"])
+def test_attention_inputs_follow_the_media_policy(policy):
+    # Three images at tokens 2, 7, 12; perturb the keys/values of image 0 only.
+    ids = ids_with_images([2, 7, 12], length=16, batch=1)
+    layout = MediaLayout.build(ids, IMG, 3, policy)
+    assert layout.media_index[0].tolist() == [-1, -1] + [0] * 5 + [1] * 5 + [2] * 4
+    q = torch.randn(1, 16, 2, 8)
+    k, v = torch.randn(1, 3, 2, 4, 8), torch.randn(1, 3, 2, 4, 8)
+    base = cross_attend(q, k, v, layout)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 0], v2[:, 0] = torch.randn_like(k2[:, 0]), torch.randn_like(v2[:, 0])
+    out = cross_attend(q, k2, v2, layout)
+    assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))
+    assert not torch.allclose(out[:, 2:7], base[:, 2:7])  # tokens that see image 0
+    after = torch.allclose(out[:, 7:], base[:, 7:], atol=1e-6)
+    # immediate: tokens after image 1 see only image 1 (or 2); all_previous: image 0 too.
+    assert after == (policy == "immediate")
+
+
+def test_chunked_attention_matches_a_dense_masked_reference():
+    torch.manual_seed(0)
+    ids = torch.randint(3, 290, (3, 40))
+    for row, positions in enumerate([[0, 3, 30], [10], [5, 6, 7, 20, 39]]):
+        ids[row, positions] = IMG
+    layout = MediaLayout.build(ids, IMG, 5, "immediate")
+    q, k, v = torch.randn(3, 40, 2, 8), torch.randn(3, 5, 2, 4, 8), torch.randn(3, 5, 2, 4, 8)
+    out = cross_attend(q, k, v, layout)
+    index = layout.media_index
+    for b in range(3):
+        for t in range(40):
+            n = int(index[b, t])
+            if n < 0:
+                assert torch.equal(out[b, t], torch.zeros_like(out[b, t]))
+                continue
+            scores = torch.einsum("hd,hld->hl", q[b, t], k[b, n]) / 8**0.5
+            ref = torch.einsum("hl,hld->hd", scores.softmax(-1), v[b, n])
+            assert torch.allclose(out[b, t], ref, atol=1e-5)
+
+
+def test_one_step_changes_only_trainable_parameters():
+    model = build_model("llama")
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and trainable
+    assert all(n.startswith(("lm.", "vision.")) for n in frozen)
+    assert not any(".xattn." in n for n in frozen)
+    ids = ids_with_images([1, 8], length=16)
+    ids[:, 6] = 301  # <|endofchunk|>
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for _ in range(2):  # step 1 opens the gates; step 2 sends gradient everywhere
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, pixel_values=torch.randn(2, 2, 1, 3, 32, 32), labels=ids).loss
+        loss.backward()
+        missing = [n for n, p in trainable.items() if p.grad is None]
+        assert not missing, f"no gradient for {missing}"
+        optimizer.step()
+    zero = [n for n, p in trainable.items() if not p.grad.abs().sum() > 0]
+    assert not zero, f"zero gradient after the gates opened: {zero}"
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+
+
+def test_padding_images_are_never_encoded():
+    model = build_model("llama")
+    seen = []
+    ids = ids_with_images([], length=10)
+    ids[0, [2, 5]] = IMG
+    ids[1, 3] = IMG
+    pixels = torch.randn(2, 3, 1, 3, 32, 32)  # 6 slots, 3 real images
+    model.vision.tower.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    model(input_ids=ids, pixel_values=pixels)
+    assert seen == [3]
+
+
+def roundtrip(model, tmp_path):
+    ids = ids_with_images([2, 9])
+    images = torch.randn(2, 2, 1, 3, 32, 32)
+    model.save_pretrained(tmp_path)
+    loaded = FlamingoModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=images).logits, loaded(
+            input_ids=ids, pixel_values=images
+        ).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_save_load_gives_identical_logits(family, tmp_path):
+    model = build_model(family)
+    open_gates(model, 0.5)
+    a, b = roundtrip(model, tmp_path)
+    assert torch.equal(a, b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "lm", "model.safetensors", "vision",
+    ]
+
+
+def test_save_load_with_lora_and_local_parts(tmp_path):
+    lm = build_lm("qwen2", vocab_size=300)
+    lm.save_pretrained(tmp_path / "lm_src")
+    from flamingo_kit.tiny import build_vision
+
+    build_vision("siglip").save_pretrained(tmp_path / "vision_src")
+    from flamingo_kit import FlamingoConfig
+    from tests.conftest import TINY_FLAMINGO
+
+    config = FlamingoConfig(**TINY_FLAMINGO, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    model = FlamingoModel.from_parts(tmp_path / "lm_src", tmp_path / "vision_src", config)
+    assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    open_gates(model, 0.5)
+    a, b = roundtrip(model, tmp_path / "out")
+    assert torch.equal(a, b)
+    assert not (tmp_path / "out" / "lm").exists()  # referenced by path, not copied
+
+
+def test_missing_key_is_named(tmp_path):
+    model = build_model("llama")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    victim = sorted(k for k in tensors if ".xattn." in k)[0]
+    del tensors[victim]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=victim.replace(".", r"\.")):
+        FlamingoModel.from_pretrained(tmp_path)
+
+
+def test_bad_inputs_fail_clearly():
+    model = build_model("llama")
+    ids = ids_with_images([3])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=ids)
+    ids = ids_with_images([3, 5])
+    with pytest.raises(ValueError, match="2 <image> tokens"):
+        model(input_ids=ids, pixel_values=torch.randn(2, 1, 1, 3, 32, 32))
+    with pytest.raises(ValueError, match="media_policy"):
+        build_model("llama", media_policy="nearest")
+
+
+def test_parameter_report_lists_parts():
+    report = build_model("llama").trainable_parameters_report()
+    for part in ("perceiver", "cross-attention", "new-token rows", "vision tower"):
+        assert part in report
