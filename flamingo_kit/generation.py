@@ -74,6 +74,15 @@ class GenerationMixin:
             eos_token_id = [eos_token_id]
         return torch.tensor([i for i in eos_token_id if i is not None])
 
+    def _default_pad(self) -> int:
+        config = self.lm.config.get_text_config()
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(config, name, None)
+            value = value[0] if isinstance(value, list) else value
+            if value is not None:
+                return int(value)
+        return 0
+
     def _decode_state(self, media: MediaState | None) -> MediaState | None:
         """After the prompt: each row keeps only the keys/values its new tokens will see."""
         if media is None:
@@ -195,7 +204,7 @@ class GenerationMixin:
         self.eval()
         try:
             stop = self._stop_ids(eos_token_id).to(input_ids.device)
-            pad = pad_token_id if pad_token_id is not None else int(stop[-1])
+            pad = pad_token_id if pad_token_id is not None else self._default_pad()
             state = self._prompt_forward(input_ids, attention_mask, pixel_values, prefix)
             if num_beams > 1:
                 new = self._beam_search(state, num_beams, max_new_tokens, stop, pad, length_penalty)

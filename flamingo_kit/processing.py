@@ -108,7 +108,9 @@ class FlamingoProcessor:
             return [[p] for p in prompts]  # a batch of text-only prompts
         return [[p] if isinstance(p, (str, Image.Image)) else p for p in prompts]
 
-    def _encode_one(self, index: int, items) -> tuple[list[int], list[Image.Image]]:
+    def _encode_one(
+        self, index: int, items, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[Image.Image]]:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
             raise ValueError(f"prompt {index}: expected a list of str and PIL.Image items")
         text_parts, images = [], []
@@ -126,7 +128,7 @@ class FlamingoProcessor:
         text = "".join(text_parts)
         if not text.strip():
             raise ValueError(f"prompt {index}: empty prompt")
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         n_tokens = ids.count(self.image_token_id)
         if n_tokens != len(images):
             raise ValueError(
@@ -146,13 +148,20 @@ class FlamingoProcessor:
         return_tensors: str | None = "pt",
         padding_side: str | None = None,
         max_length: int | None = None,
+        add_special_tokens: bool = True,
     ) -> BatchEncoding:
-        """Encode one prompt or a batch; see the class docstring for the formats."""
+        """Encode one prompt or a batch; see the class docstring for the formats.
+
+        ``add_special_tokens=False`` (no BOS) suits text that continues a cached prefix.
+        """
         if return_tensors not in ("pt", None):
             raise ValueError("only return_tensors='pt' is supported")
         side = padding_side or self.padding_side
         max_length = max_length or self.max_length
-        encoded = [self._encode_one(i, p) for i, p in enumerate(self._normalise(prompts, images))]
+        encoded = [
+            self._encode_one(i, p, add_special_tokens)
+            for i, p in enumerate(self._normalise(prompts, images))
+        ]
         if max_length is not None:
             # Cutting from the right drops the trailing images with their tokens, so the
             # remaining <image> tokens and images still pair up in order.
