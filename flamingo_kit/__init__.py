@@ -3,6 +3,7 @@
 from flamingo_kit.config import FlamingoConfig
 from flamingo_kit.generation import PrefixState
 from flamingo_kit.modeling import FlamingoModel, FlamingoOutput
+from flamingo_kit.pipeline import FlamingoPipeline
 from flamingo_kit.processing import EOC_TOKEN, IMAGE_TOKEN, FlamingoProcessor
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "FlamingoConfig",
     "FlamingoModel",
     "FlamingoOutput",
+    "FlamingoPipeline",
     "FlamingoProcessor",
     "PrefixState",
 ]

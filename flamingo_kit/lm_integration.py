@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flamingo_kit.cross_attention import GatedCrossAttentionBlock, MediaLayout
 
@@ -78,6 +79,9 @@ class FlamingoLayer(nn.Module):
         self.decoder_layer = decoder_layer
         self.xattn = xattn
         self.slot = slot
+        # Recompute this layer in backward instead of storing its activations. The LM's own
+        # checkpointing does not apply: a frozen LM stays in eval mode.
+        self.activation_checkpointing = False
 
     def __getattr__(self, name: str):
         try:
@@ -86,14 +90,20 @@ class FlamingoLayer(nn.Module):
             return getattr(super().__getattr__("decoder_layer"), name)
 
     def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:]
         state = current_media()
-        if state is not None:
-            kv = state.media_kv(self.slot, self.xattn)
-            if args:
-                args = (self.xattn(args[0], kv, state.layout), *args[1:])
-            else:
-                kwargs["hidden_states"] = self.xattn(kwargs["hidden_states"], kv, state.layout)
-        return self.decoder_layer(*args, **kwargs)
+        # Image K/V are computed outside any checkpointed region: they are cached per call.
+        kv = state.media_kv(self.slot, self.xattn) if state is not None else None
+
+        def run(hidden):
+            if kv is not None:
+                hidden = self.xattn(hidden, kv, state.layout)
+            return self.decoder_layer(hidden, *rest, **kwargs)
+
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(run, hidden, use_reentrant=False)
+        return run(hidden)
 
 
 def num_decoder_layers(lm: nn.Module) -> int:

@@ -177,6 +177,12 @@ class FlamingoModel(GenerationMixin, nn.Module):
                     layer.xattn.train(mode)
         return self
 
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute each cross-attention + decoder layer in backward to save memory."""
+        for layer in find_decoder_layers(self.lm):
+            if hasattr(layer, "xattn"):
+                layer.activation_checkpointing = enabled
+
     def trainable_parameters(self):
         """Parameters the optimizer should update."""
         return (p for p in self.parameters() if p.requires_grad)

@@ -219,3 +219,19 @@ def test_parameter_report_lists_parts():
     report = build_model("llama").trainable_parameters_report()
     for part in ("perceiver", "cross-attention", "new-token rows", "vision tower"):
         assert part in report
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for enabled in (False, True):
+        model = build_model("llama", cross_attn_every_n_layers=1)
+        open_gates(model, 0.5)
+        model.gradient_checkpointing_enable(enabled)
+        model.train()
+        ids = ids_with_images([1, 8])
+        loss = model(input_ids=ids, pixel_values=torch.randn(2, 2, 1, 3, 32, 32,
+                     generator=torch.Generator().manual_seed(0)), labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6), name

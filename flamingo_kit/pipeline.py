@@ -1,0 +1,62 @@
+"""Prompt a trained model with images and text, get strings back."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from PIL import Image
+
+from flamingo_kit.modeling import FlamingoModel
+from flamingo_kit.processing import FlamingoProcessor
+
+
+def _is_single_prompt(prompts) -> bool:
+    return isinstance(prompts, str) or (
+        isinstance(prompts, list) and all(isinstance(p, (str, Image.Image)) for p in prompts)
+    )
+
+
+class FlamingoPipeline:
+    """Interleaved prompt(s) in, completion string(s) out.
+
+    ``pipe([img1, "An image of two cats.<|endofchunk|>", img2, "An image of"])`` returns the
+    completion; a list of such prompts returns a list, generated in batches of ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        model: FlamingoModel,
+        processor: FlamingoProcessor,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> FlamingoPipeline:
+        """Load the model and processor that ``save_pretrained`` wrote to one directory."""
+        model = FlamingoModel.from_pretrained(directory, dtype=dtype)
+        return cls(model, FlamingoProcessor.from_pretrained(directory), device, dtype)
+
+    def __call__(self, prompts, batch_size: int = 8, **generate_kwargs) -> str | list[str]:
+        """Complete each prompt; keyword arguments go to ``FlamingoModel.generate``."""
+        single = _is_single_prompt(prompts)
+        batch_prompts = [prompts] if single else list(prompts)
+        results: list[str] = []
+        for start in range(0, len(batch_prompts), batch_size):
+            batch = self.processor(batch_prompts[start : start + batch_size], padding_side="left")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+            new_tokens = self.model.generate(**batch, **generate_kwargs)
+            results += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return results[0] if single else results
