@@ -235,3 +235,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
+
+
+def test_vision_tower_from_a_full_two_tower_checkpoint(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from flamingo_kit.parts import load_vision
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config = CLIPConfig(text_config={**small, "vocab_size": 100},
+                        vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    CLIPModel(config).save_pretrained(tmp_path)
+    tower, source = load_vision(tmp_path)
+    assert type(tower).__name__ == "CLIPVisionModel" and source == {"path": str(tmp_path)}
+    full = CLIPModel.from_pretrained(tmp_path)
+    assert torch.equal(tower.embeddings.patch_embedding.weight,
+                       full.vision_model.embeddings.patch_embedding.weight)
