@@ -1,0 +1,109 @@
+"""Write the whole synthetic world for a seed: corpus, pair shards, document shards, eval sets.
+
+Layout under ``out`` (see the shared formats): ``corpus.txt``, ``pairs/pairs-*.tar``,
+``interleaved/docs-*.tar``, ``eval/{captioning,vqa,classification,label_binding}/`` and a
+``world.json`` summary. Each part draws from its own seeded RNG, and all images come from one
+uniqueness registry, so the output is a pure function of the arguments and no image repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+
+from tqdm import tqdm
+
+from data_pipelines.shards import interleaved_sample, json_bytes, png_bytes, write_shards
+from data_pipelines.synthetic.documents import corpus_line, interleaved_document
+from data_pipelines.synthetic.evalsets import (
+    write_captioning,
+    write_classification,
+    write_label_binding,
+    write_vqa,
+)
+from data_pipelines.synthetic.language import caption
+from data_pipelines.synthetic.scenes import UniqueImages
+
+
+@dataclass
+class WorldConfig:
+    """Size knobs of the synthetic world (defaults write a small world in seconds)."""
+
+    seed: int = 0
+    n_pairs: int = 2000
+    n_docs: int = 1000
+    n_corpus: int = 4000
+    n_eval: int = 100  # images per eval split (train and test) for each task
+    n_episodes: int = 20  # label-binding episodes
+    image_size: int = 64
+    shard_size: int = 250
+
+    def __post_init__(self):
+        for name in ("n_pairs", "n_docs", "n_corpus", "n_eval", "n_episodes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+
+def _pairs(rng: random.Random, images: UniqueImages, n: int):
+    for i in tqdm(range(n), desc="pairs", leave=False, disable=None):
+        objects, image = images.draw(rng)
+        text = caption(objects)
+        yield {
+            "__key__": f"pair{i:08d}",
+            "png": png_bytes(image),
+            "txt": text.encode("utf-8"),
+            "json": json_bytes({"caption": text, "objects": [o.as_dict() for o in objects]}),
+        }
+
+
+def _documents(rng: random.Random, images: UniqueImages, n: int, kinds: dict):
+    for i in tqdm(range(n), desc="documents", leave=False, disable=None):
+        kind, items = interleaved_document(rng, images)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        yield interleaved_sample(f"doc{i:08d}", items)
+
+
+def synthesize(out: str, config: WorldConfig | None = None) -> dict:
+    """Write the world to ``out``; returns (and saves as ``world.json``) a summary."""
+    config = config or WorldConfig()
+    os.makedirs(out, exist_ok=True)
+    images = UniqueImages(config.image_size)
+
+    def rng(part: str) -> random.Random:
+        return random.Random(f"{config.seed}/{part}")
+
+    corpus_rng = rng("corpus")
+    with open(os.path.join(out, "corpus.txt"), "w", encoding="utf-8") as f:
+        for _ in tqdm(range(config.n_corpus), desc="corpus", leave=False, disable=None):
+            f.write(corpus_line(corpus_rng) + "\n")
+    pair_shards = write_shards(_pairs(rng("pairs"), images, config.n_pairs),
+                               os.path.join(out, "pairs"), "pairs", config.shard_size)
+    kinds: dict[str, int] = {}
+    doc_shards = write_shards(_documents(rng("docs"), images, config.n_docs, kinds),
+                              os.path.join(out, "interleaved"), "docs", config.shard_size)
+    eval_root = os.path.join(out, "eval")
+    eval_images = {
+        "captioning": write_captioning(os.path.join(eval_root, "captioning"), rng("eval/cap"),
+                                       images, config.n_eval),
+        "vqa": write_vqa(os.path.join(eval_root, "vqa"), rng("eval/vqa"), images, config.n_eval),
+        "classification": write_classification(os.path.join(eval_root, "classification"),
+                                               rng("eval/cls"), images, config.n_eval),
+        "label_binding": write_label_binding(os.path.join(eval_root, "label_binding"),
+                                             rng("eval/bind"), images, config.n_episodes),
+    }
+    summary = {
+        "config": asdict(config),
+        "pair_shards": [os.path.relpath(p, out) for p in pair_shards],
+        "doc_shards": [os.path.relpath(p, out) for p in doc_shards],
+        "doc_kinds": dict(sorted(kinds.items())),
+        "eval_images": eval_images,
+    }
+    with open(os.path.join(out, "world.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
