@@ -25,6 +25,7 @@ class PrefixState:
     attention_mask: torch.Tensor  # [1, P]
     latents: torch.Tensor | None  # [1, N0, L, D] or None without images
     kv_cache: dict  # layer slot -> (k, v) of the prefix images
+    logits: torch.Tensor  # [1, V] next-token logits after the prefix
 
 
 @dataclass
@@ -155,7 +156,7 @@ class GenerationMixin:
                 media.media_kv(slot, block)
         return PrefixState(out.past_key_values, attention_mask,
                            None if media is None else media.latents,
-                           {} if media is None else media.kv_cache)
+                           {} if media is None else media.kv_cache, out.logits[:, -1])
 
     def _xattn_blocks(self):
         from flamingo_kit.lm_integration import find_decoder_layers

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from flamingo_kit.config import FlamingoConfig
 from flamingo_kit.cross_attention import GatedCrossAttentionBlock, MediaLayout
-from flamingo_kit.generation import GenerationMixin
+from flamingo_kit.generation import GenerationMixin, PrefixState
 from flamingo_kit.lm_integration import (
     MediaState,
     bare_lm_state_dict,
@@ -282,13 +282,25 @@ class FlamingoModel(GenerationMixin, nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         media: MediaState | None = None,
+        prefix: PrefixState | None = None,
         **lm_kwargs,
     ) -> FlamingoOutput:
         """Logits over the LM vocabulary plus the media tokens; loss when ``labels`` given.
 
         ``media`` (from :meth:`media_state`, or a generation cache) replaces ``pixel_values``.
+        With ``prefix`` (from :meth:`prefill`) each row continues the cached prefix: the logits
+        are those of ``input_ids`` only, and rows may be right-padded (e.g. to score answers).
         """
-        if media is None:
+        if prefix is not None:
+            if past_key_values is not None or media is not None:
+                raise ValueError("prefix replaces past_key_values and media; pass only one")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            past_key_values, attention_mask, media = self._continue_prefix(
+                prefix, input_ids, attention_mask, pixel_values
+            )
+            use_cache = True
+        elif media is None:
             media = self.media_state(input_ids, pixel_values)
         if position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left padding does not shift them.

@@ -139,3 +139,21 @@ def test_right_padded_prompts_are_rejected(processor):
     batch = processor(["a", "a longer prompt"], padding_side="right")
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(**batch)
+
+
+def test_forward_after_a_prefix_scores_like_the_full_sequence(processor):
+    model = build_model("llama", processor=processor).eval()
+    open_gates(model, 1.0)
+    context = [random_image(1), "Output: a red circle<|endofchunk|>", random_image(2), "Output:"]
+    prefix = processor([context])
+    answers = processor([" a blue", " a green square now"], padding_side="right",
+                        add_special_tokens=False)
+    state = model.prefill(**prefix)
+    with torch.no_grad():
+        cont = model(**answers, prefix=state).logits
+        for row in range(2):
+            n = int(answers["attention_mask"][row].sum())
+            ids = torch.cat([prefix["input_ids"][0], answers["input_ids"][row, :n]])[None]
+            full = model(input_ids=ids, pixel_values=prefix["pixel_values"]).logits
+            assert torch.allclose(full[0, -n:], cont[row, :n], atol=1e-5)
+            assert torch.allclose(full[0, -n - 1], state.logits[0], atol=1e-5)

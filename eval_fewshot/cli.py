@@ -1,0 +1,144 @@
+"""``flamingo-eval``: k-shot evaluation of a saved FlamingoModel on one task.
+
+Example::
+
+    flamingo-eval --model runs/x/final --task synth_vqa --data data/synth \\
+        --shots 0,4,8,16,32 --trials 3 --out results/
+
+prints a shots x metrics table (mean ± std) and writes ``RESULTS.json`` (settings, scores of
+every trial, every prediction) and ``RESULTS.png`` (score vs shots), where ``RESULTS`` is
+``{out}/{task}`` by default. Real benchmarks take their file locations from ``--data`` and the
+task's reader options (see :mod:`eval_fewshot.tasks`), overridable with ``--task-config
+FILE.yaml`` and ``--option key=value``.
+
+Distributed: launch with ``torchrun --nproc_per_node N -m eval_fewshot.cli ...``; queries are
+split over ranks and rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def parse_shots(text: str) -> list[int]:
+    """``"0,4,8"`` -> ``[0, 4, 8]`` (non-negative, no duplicates)."""
+    try:
+        shots = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--shots takes comma-separated integers, got {text!r}"
+        ) from None
+    if not shots or any(s < 0 for s in shots) or len(set(shots)) != len(shots):
+        raise argparse.ArgumentTypeError(f"--shots needs distinct integers >= 0, got {text!r}")
+    return shots
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    from eval_fewshot.tasks import task_names
+
+    p = argparse.ArgumentParser(prog="flamingo-eval", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="directory written by save_pretrained "
+                   "(model and processor)")
+    p.add_argument("--task", required=True, choices=task_names())
+    p.add_argument("--data", help="dataset directory (synthetic world root for synth_* tasks)")
+    p.add_argument("--shots", type=parse_shots, default=[0, 4, 8, 16, 32])
+    p.add_argument("--trials", type=int, default=3, help="seeds per shot count")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rices", action="store_true", help="choose demos by image similarity")
+    p.add_argument("--fixed-demos", action="store_true",
+                   help="one demo set per trial, shared by all queries (reuses its KV cache)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="with --fixed-demos, still run every prompt whole")
+    p.add_argument("--limit", type=int, help="evaluate a seeded random subset of N queries")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--num-beams", type=int, help="override the task's beam count")
+    p.add_argument("--max-new-tokens", type=int, help="override the task's answer length")
+    p.add_argument("--max-context", type=int, help="token budget of a prompt (default: LM's)")
+    p.add_argument("--template", help="demonstration template, e.g. "
+                   "'<image>Q: {question} A: {answer}<|endofchunk|>'")
+    p.add_argument("--task-config", help="YAML/JSON file of reader options (and 'template')")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="reader option override, repeatable")
+    p.add_argument("--out", default="eval_results", help="output directory")
+    p.add_argument("--name", help="output file stem (default: the task name)")
+    p.add_argument("--rices-cache", help="directory of cached RICES embeddings "
+                   "(default: OUT/rices_cache)")
+    return p
+
+
+def reader_options(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """Reader options from ``--task-config`` then ``--option``; plus a template from the file."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.create({})
+    if args.task_config:
+        conf = OmegaConf.load(args.task_config)
+    if args.option:
+        bad = [o for o in args.option if "=" not in o]
+        if bad:
+            raise SystemExit(f"--option takes KEY=VALUE, got {bad}")
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(args.option))
+    options = OmegaConf.to_container(conf, resolve=True)
+    template = options.pop("template", None)
+    return options, args.template or template
+
+
+def init_distributed(device: str) -> None:
+    """Join the process group a launcher (torchrun, deepspeed) describes in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``flamingo-eval``."""
+    args = build_parser().parse_args(argv)
+    from eval_fewshot.inference import FewShotModel
+    from eval_fewshot.report import format_table, plot_scores, write_json
+    from eval_fewshot.runner import Distributed, EvalConfig, Evaluator, results_to_json
+    from eval_fewshot.tasks import get_task
+    from flamingo_kit import FlamingoModel, FlamingoProcessor
+
+    options, template = reader_options(args)
+    task = get_task(args.task, template, num_beams=args.num_beams,
+                    max_new_tokens=args.max_new_tokens)
+    data = task.load(args.data, options)
+    init_distributed(args.device)
+    dist = Distributed.current()
+    device = args.device
+    if device == "cuda" and dist.world_size > 1:
+        device = f"cuda:{torch.cuda.current_device()}"
+    model = FlamingoModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    processor = FlamingoProcessor.from_pretrained(args.model)
+    runner_model = FewShotModel(model, processor, device, args.max_context)
+    stem = os.path.join(args.out, args.name or task.name)
+    config = EvalConfig(
+        shots=args.shots, trials=args.trials, seed=args.seed,
+        selection="rices" if args.rices else None, fixed_demos=args.fixed_demos,
+        prefix_reuse=not args.no_prefix_reuse, batch_size=args.batch_size, limit=args.limit,
+        rices_cache_dir=args.rices_cache or os.path.join(args.out, "rices_cache"),
+    )
+    results = Evaluator(task, data, runner_model, config, dist).run()
+    if dist.rank == 0:
+        summary = results_to_json(task, config, results, model=os.path.abspath(args.model),
+                                  data=args.data, reader_options=options,
+                                  template=task.template.text)
+        print(format_table(summary))
+        write_json(summary, stem + ".json")
+        plot_scores(summary, stem + ".png")
+        print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

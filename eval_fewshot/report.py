@@ -1,0 +1,71 @@
+"""Presenting results: a shots x metrics table (mean ± std), the JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per shot count, ``mean ± std`` per metric.
+
+    Headers carry the metric direction (↑ higher is better, ↓ lower is better); a footer line
+    says how many trials and queries each number averages.
+    """
+    metrics = results["metrics"]
+    headers = ["shots"] + [f"{m['label']} {'↑' if m['higher_is_better'] else '↓'}"
+                           for m in metrics]
+    rows = []
+    for r in results["results"]:
+        cells = [str(r["shots"])]
+        cells += [f"{r['mean'][m['name']]:.2f} ± {r['std'][m['name']]:.2f}" for m in metrics]
+        rows.append(cells)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return " | ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+    first = results["results"][0]
+    n_queries = len(first["trials"][0]["predictions"])
+    out = [f"task: {results['task']}  (model: {results.get('model', '?')})", line(headers),
+           "-+-".join("-" * w for w in widths)] + [line(row) for row in rows]
+    out.append(f"mean ± std over {len(first['trials'])} trial(s) of {n_queries} queries; "
+               f"selection: {results['config']['selection']}")
+    return "\n".join(out)
+
+
+def write_json(results: dict[str, Any], path: str) -> None:
+    """Write the results (with every prediction) atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def plot_scores(results: dict[str, Any], path: str) -> None:
+    """PNG of every "higher is better" metric vs shots, with ±std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    shots = [r["shots"] for r in results["results"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for m in results["metrics"]:
+        if not m["higher_is_better"]:
+            continue
+        means = [r["mean"][m["name"]] for r in results["results"]]
+        stds = [r["std"][m["name"]] for r in results["results"]]
+        ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=m["label"])
+    ax.set_xlabel("shots")
+    ax.set_ylabel("score (higher is better)")
+    ax.set_xticks(shots)
+    ax.set_title(f"{results['task']}: score vs shots")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
