@@ -1,0 +1,108 @@
+"""Rank-0 training telemetry: tqdm bar, JSONL metrics, optional TensorBoard, throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, frozen)`` element counts (ZeRO-3 partitioned tensors report ``ds_numel``)."""
+    trainable = frozen = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    return trainable, frozen
+
+
+def step_flops(n_trainable: int, n_frozen: int, tokens: float) -> float:
+    """Estimated FLOPs of one optimizer step: ``6 * N_trainable * tokens + 2 * N_frozen * tokens``.
+
+    Trainable weights cost a forward (2) and a backward for activations and weights (4) per
+    token; frozen weights cost the forward only (their activation gradients, needed when a
+    trainable module sits below them, are ignored, so this is a lower bound there). Attention
+    score FLOPs are left out, as in the usual ``6N`` estimate.
+    """
+    return (6.0 * n_trainable + 2.0 * n_frozen) * tokens
+
+
+class MetricsLogger:
+    """Writes one JSON line per logged step and per event; shows a progress bar on rank 0.
+
+    Non-main ranks get a logger whose methods do nothing, so the loop has no rank branches.
+    """
+
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, enabled: bool,
+                 progress: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._bar = self._tb = self._file = None
+        if not enabled:
+            return
+        # Append: a resumed run continues the same file.
+        self._file = open(os.path.join(run_dir, METRICS_FILE), "a")
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train",
+                             dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record the metrics of optimizer step ``step`` (1-based)."""
+        if not self.enabled:
+            return
+        self._write({"step": step, "time": time.time(), **metrics})
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                tok_s=f"{metrics['tokens_per_s']:.0f}", skipped=metrics["skipped"], refresh=False,
+            )
+            self._bar.refresh()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Record something that is not a step (NaN loss, checkpoint, resume, export)."""
+        if not self.enabled:
+            return
+        self._write({"event": kind, "time": time.time(), **fields})
+        message = f"{kind}: " + ", ".join(f"{k}={v}" for k, v in fields.items())
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        """Flush and close the outputs."""
+        for handle in (self._bar, self._tb, self._file):
+            if handle is not None:
+                handle.close()
+        self._bar = self._tb = self._file = None
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """All records of ``RUN/metrics.jsonl`` (steps and events), in order."""
+    with open(os.path.join(run_dir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,64 @@
+"""Stage 3: Flamingo training between a frozen LM and a frozen vision tower.
+
+Trains the Perceiver Resampler, the gated cross-attention, the media-token rows (and LoRA when
+``flamingo.model.lora`` is set) on a weighted mix of interleaved and pair sources, each with its
+own loss weight. ``RUN/final`` loads with ``FlamingoModel.from_pretrained`` and
+``FlamingoProcessor.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from data_pipelines.loading import SourceConfig, build_loader
+from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
+from train.config import TrainConfig
+from train.distributed import DistInfo
+from train.losses import weighted_lm_loss
+from train.stages import Batch, StageParts, count_attended_tokens
+
+
+def make_loss(loss_weights: list[float]):
+    """Batch -> cross-entropy where each row counts with its source's loss weight."""
+    weights = torch.tensor(loss_weights, dtype=torch.float32)
+
+    def flamingo_loss(model, batch: Batch) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"])
+        row_weights = weights.to(out.logits.device)[batch["source_index"]]
+        return weighted_lm_loss(out.logits, batch["labels"], row_weights)
+
+    return flamingo_loss
+
+
+def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
+    """Processor from the LM/vision dirs, FlamingoModel.from_parts, mixture loader."""
+    stage = cfg.flamingo
+    if not stage.sources:
+        raise ValueError("flamingo.sources is empty; give at least one source "
+                         "(name, kind: interleaved|pairs, shards, weight, loss_weight)")
+    tokenizer = AutoTokenizer.from_pretrained(stage.lm)
+    # The PIL processors work without torchvision; the fast ones do not.
+    image_processor = AutoImageProcessor.from_pretrained(stage.vision, backend="pil")
+    processor = FlamingoProcessor(tokenizer, image_processor, max_images=stage.max_images,
+                                  max_length=stage.max_length)
+    try:
+        model_config = FlamingoConfig.from_dict(dict(stage.model))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"flamingo.model: {error}") from None
+    model = FlamingoModel.from_parts(lm=stage.lm, vision=stage.vision, config=model_config,
+                                     processor=processor)
+    sources = [SourceConfig(name=s.name, kind=s.kind, shards=s.shards, weight=s.weight,
+                            loss_weight=s.loss_weight) for s in stage.sources]
+    loader = build_loader(
+        sources, processor.tokenizer, image_processor, batch_size=cfg.deepspeed.micro_batch_size,
+        max_length=stage.max_length, max_images=stage.max_images, seed=cfg.seed, rank=dist.rank,
+        world_size=dist.world_size, num_workers=stage.num_workers)
+
+    def export(module: FlamingoModel, directory: str) -> None:
+        module.save_pretrained(directory)
+        processor.save_pretrained(directory)
+
+    return StageParts(model=model, loader=loader, loss=make_loss([s.loss_weight for s in sources]),
+                      export=export, count_tokens=count_attended_tokens)
