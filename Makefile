@@ -26,5 +26,8 @@ lint: install
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+demo: install
+	bash scripts/demo.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 from tokenizers import AddedToken
-from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding
+from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding, PretrainedConfig
 
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
@@ -233,7 +233,9 @@ class FlamingoProcessor:
             with open(path) as f:
                 settings = json.load(f)
         settings.update(overrides)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        # The fast image processors need torchvision; the PIL ones work everywhere.
-        image_processor = AutoImageProcessor.from_pretrained(directory, use_fast=False)
+        # The directory's config.json is the Flamingo model's, not a tokenizer's: keep
+        # AutoTokenizer from reading it (the class comes from tokenizer_config.json).
+        tokenizer = AutoTokenizer.from_pretrained(directory, config=PretrainedConfig())
+        # The torchvision-backed image processors need torchvision; the PIL ones work everywhere.
+        image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil")
         return cls(tokenizer, image_processor, **settings)
