@@ -31,6 +31,7 @@ class ChunkPlan:
     slot: torch.Tensor  # [A] position of the token inside its chunk
     chunk_media: torch.Tensor  # [n_chunks] flat image index (b * N + n) each chunk attends to
     chunk_size: int
+    one_chunk_per_image: bool  # chunk i is image i: keys/values are used in place, not copied
 
     @classmethod
     def build(cls, media_index: torch.Tensor, num_media: int) -> ChunkPlan:
@@ -41,17 +42,25 @@ class ChunkPlan:
         group = (tokens // t) * num_media + flat[tokens]  # sorted: rows, then images
         counts = torch.bincount(group, minlength=b * num_media)
         n_groups = int((counts > 0).sum())
-        # Chunks about as long as an average group: little padding, few key/value copies.
+        longest = int(counts.max()) if counts.numel() else 0
         mean_len = max(tokens.numel() / max(n_groups, 1), 1.0)
-        size = min(MAX_CHUNK, 2 ** int(math.log2(mean_len)))
-        chunks_per_group = (counts + size - 1) // size
+        one_per_image = 0 < longest <= min(MAX_CHUNK, 2 * mean_len)
+        if one_per_image:
+            # Groups of similar length: one chunk per image, padded to the longest group.
+            size = longest
+            chunks_per_group = torch.ones_like(counts)
+        else:
+            # Uneven groups: chunks about as long as an average group, so little padding.
+            size = min(MAX_CHUNK, 2 ** int(math.log2(mean_len)))
+            chunks_per_group = (counts + size - 1) // size
         chunk_start = torch.cumsum(chunks_per_group, 0) - chunks_per_group
         group_start = torch.cumsum(counts, 0) - counts
         rank = torch.arange(tokens.numel(), device=flat.device) - group_start[group]
         chunk_media = torch.repeat_interleave(
             torch.arange(b * num_media, device=flat.device), chunks_per_group
         )
-        return cls(tokens, chunk_start[group] + rank // size, rank % size, chunk_media, size)
+        return cls(tokens, chunk_start[group] + rank // size, rank % size, chunk_media, size,
+                   one_per_image)
 
 
 @dataclass
@@ -105,8 +114,9 @@ def cross_attend(
             return torch.zeros_like(q)
         q_chunks = q.new_zeros(n_chunks, plan.chunk_size, h, d)
         q_chunks[plan.chunk, plan.slot] = q.reshape(b * t, h, d)[plan.tokens]
-        k_chunks = k.flatten(0, 1)[plan.chunk_media]
-        v_chunks = v.flatten(0, 1)[plan.chunk_media]
+        k_chunks, v_chunks = k.flatten(0, 1), v.flatten(0, 1)
+        if not plan.one_chunk_per_image:
+            k_chunks, v_chunks = k_chunks[plan.chunk_media], v_chunks[plan.chunk_media]
         out = F.scaled_dot_product_attention(q_chunks.transpose(1, 2), k_chunks, v_chunks)
         per_token = out.transpose(1, 2)[plan.chunk, plan.slot]
         return q.new_zeros(b * t, h, d).index_put((plan.tokens,), per_token).view(b, t, h, d)

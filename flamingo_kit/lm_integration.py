@@ -115,15 +115,20 @@ def num_decoder_layers(lm: nn.Module) -> int:
 def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks: ``num_hidden_layers`` modules of one class.
 
-    When several lists qualify (rare), the one holding the most parameters wins.
+    Blocks already wrapped by ``FlamingoLayer`` count as their wrapped class. When several
+    lists qualify (rare), the one holding the most parameters wins.
     """
     n_layers = num_decoder_layers(lm)
+
+    def block_type(block: nn.Module) -> type:
+        return type(block.decoder_layer) if isinstance(block, FlamingoLayer) else type(block)
+
     candidates = [
         module
         for module in lm.modules()
         if isinstance(module, nn.ModuleList)
         and len(module) == n_layers
-        and len({type(block) for block in module}) == 1
+        and len({block_type(block) for block in module}) == 1
     ]
     if not candidates:
         raise ValueError(

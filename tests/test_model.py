@@ -25,7 +25,7 @@ def ids_with_images(positions, length=16, batch=2, seed=0):
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
 def test_zero_gates_equal_the_frozen_lm(family):
-    model = build_model(family)
+    model = build_model(family).train().eval()  # also finds its own, now wrapped, blocks
     bare = build_lm(family, vocab_size=300)
     text = torch.randint(3, 290, (2, 12))
     with torch.no_grad():
@@ -89,12 +89,16 @@ def test_attention_inputs_follow_the_media_policy(policy):
     assert after == (policy == "immediate")
 
 
-def test_chunked_attention_matches_a_dense_masked_reference():
+@pytest.mark.parametrize("layout_kind", ["uneven", "balanced"])
+def test_chunked_attention_matches_a_dense_masked_reference(layout_kind):
     torch.manual_seed(0)
     ids = torch.randint(3, 290, (3, 40))
-    for row, positions in enumerate([[0, 3, 30], [10], [5, 6, 7, 20, 39]]):
+    rows = {"uneven": [[0, 3, 30], [10], [5, 6, 7, 20, 39]],
+            "balanced": [[0, 10, 20, 30], [2, 12, 22, 32], [5, 15, 25, 35]]}[layout_kind]
+    for row, positions in enumerate(rows):
         ids[row, positions] = IMG
     layout = MediaLayout.build(ids, IMG, 5, "immediate")
+    assert layout.plan.one_chunk_per_image == (layout_kind == "balanced")
     q, k, v = torch.randn(3, 40, 2, 8), torch.randn(3, 5, 2, 4, 8), torch.randn(3, 5, 2, 4, 8)
     out = cross_attend(q, k, v, layout)
     index = layout.media_index
@@ -213,6 +217,24 @@ def test_bad_inputs_fail_clearly():
         model(input_ids=ids, pixel_values=torch.randn(2, 1, 1, 3, 32, 32))
     with pytest.raises(ValueError, match="media_policy"):
         build_model("llama", media_policy="nearest")
+
+
+@pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])
+def test_cross_attention_interval(every_n, wrapped):
+    from flamingo_kit import FlamingoConfig, FlamingoModel
+    from flamingo_kit.tiny import build_vision
+    from tests.conftest import TINY_FLAMINGO
+
+    lm = build_lm("llama", vocab_size=300, num_layers=4)
+    config = FlamingoConfig(**{**TINY_FLAMINGO, "cross_attn_every_n_layers": every_n})
+    model = FlamingoModel.from_parts(lm, build_vision("clip"), config)
+    layers = find_decoder_layers(model.train().eval().lm)
+    assert [i for i, layer in enumerate(layers) if hasattr(layer, "xattn")] == wrapped
+    open_gates(model)
+    ids = ids_with_images([2])
+    images = torch.randn(2, 1, 1, 3, 32, 32)
+    new = model.generate(input_ids=ids, pixel_values=images, max_new_tokens=3, eos_token_id=[])
+    assert new.shape == (2, 3)
 
 
 def test_parameter_report_lists_parts():
