@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
 		| grep -v "is neither a file nor a directory" || true
-	$(PY) -c "import torch, transformers, deepspeed, peft, webdataset, flamingo_kit"
+	$(PY) -c "import torch, transformers, deepspeed, peft, webdataset, matplotlib, pycocoevalcap, flamingo_kit"
 	touch $@
 
 install: $(STAMP)
