@@ -12,7 +12,7 @@ DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs}
 SHOTS=${SHOTS:-0,1,2,4,8}
 TRIALS=${TRIALS:-3}
-LIMIT=${LIMIT:-100}
+LIMIT=${LIMIT:-60}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
@@ -34,7 +34,7 @@ step "3/5 contrastive vision pretraining (configs/contrastive.yaml)"
 step "4/5 Flamingo training through the DeepSpeed engine (configs/flamingo.yaml)"
 "$PY" -m train --config configs/flamingo.yaml run_dir="$RUNS/flamingo" \
     flamingo.lm="$RUNS/lm/final" flamingo.vision="$RUNS/contrastive/final" \
-    "flamingo.sources=[{name: docs, kind: interleaved, shards: $DATA/interleaved, weight: 1.0, loss_weight: 1.0}, {name: pairs, kind: pairs, shards: $DATA/pairs, weight: 0.5, loss_weight: 0.5}]" \
+    "flamingo.sources=[{name: docs, kind: interleaved, shards: $DATA/interleaved, weight: 1.0, loss_weight: 1.0}, {name: pairs, kind: pairs, shards: $DATA/pairs, weight: 1.0, loss_weight: 1.0}]" \
     ${STEPS_FLAMINGO:+steps=$STEPS_FLAMINGO}
 
 step "5/5 k-shot evaluation (shots $SHOTS, $TRIALS trials, $LIMIT queries)"

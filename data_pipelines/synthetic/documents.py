@@ -31,7 +31,10 @@ from data_pipelines.synthetic.language import (
 )
 from data_pipelines.synthetic.scenes import COLORS, SHAPES, UniqueImages, sample_scene
 
-DOC_KINDS = {"captions": 0.3, "vqa": 0.3, "binding": 0.25, "story": 0.15}
+# Shares of document kinds. Binding episodes get the largest share: label binding only emerges
+# when many documents reward reading names from the context (bursty data).
+DOC_KINDS = {"captions": 0.2, "vqa": 0.3, "binding": 0.4, "story": 0.1}
+CORPUS_KINDS = {"captions": 0.2, "qa": 0.25, "binding": 0.45, "story": 0.1}
 BINDING_ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES}
 
 Item = str | Image.Image
@@ -115,7 +118,7 @@ def interleaved_document(rng: random.Random, images: UniqueImages) -> tuple[str,
 
 def corpus_line(rng: random.Random) -> str:
     """One text-only document in the language of the captions and prompts."""
-    kind = rng.choices(("captions", "qa", "binding", "story"), weights=(0.25, 0.3, 0.3, 0.15))[0]
+    kind = rng.choices(list(CORPUS_KINDS), weights=list(CORPUS_KINDS.values()))[0]
     if kind == "captions":
         return " ".join(f"Output: {caption(sample_scene(rng))}"
                         for _ in range(rng.randint(2, 5)))
