@@ -64,8 +64,10 @@ class PerceiverResampler(nn.Module):
         max_frames: int = 8,
     ):
         super().__init__()
-        # Small init keeps the latents on the scale of LayerNorm-ed patch tokens.
-        self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
+        # Unit-scale latents: each keeps its identity in the residual stream. Small ones are
+        # swamped by the shared attention update and collapse to one vector, which makes
+        # cross-attention uniform (and its query weights get no gradient).
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.frame_embs = nn.Parameter(torch.zeros(max_frames, dim))
         self.media_pos_embs = nn.Parameter(torch.zeros(max_media, dim))
         self.layers = nn.ModuleList(

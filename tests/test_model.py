@@ -273,3 +273,16 @@ def test_vision_tower_from_a_full_two_tower_checkpoint(tmp_path):
     full = CLIPModel.from_pretrained(tmp_path)
     assert torch.equal(tower.embeddings.patch_embedding.weight,
                        full.vision_model.embeddings.patch_embedding.weight)
+
+
+def test_resampler_latents_start_distinct():
+    # Latents that start alike collapse in training: cross-attention then sees one vector and
+    # its query weights get no gradient.
+    from flamingo_kit.perceiver import PerceiverResampler
+
+    torch.manual_seed(0)
+    resampler = PerceiverResampler(dim=64, out_dim=64, num_latents=16, depth=2, heads=4, dim_head=16)
+    with torch.no_grad():
+        out = resampler(torch.randn(8, 1, 17, 64) * 3, torch.zeros(8, dtype=torch.long))
+    spread = (out - out.mean(1, keepdim=True)).norm(dim=-1).mean() / out.norm(dim=-1).mean()
+    assert spread > 0.8
