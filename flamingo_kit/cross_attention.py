@@ -95,10 +95,14 @@ class MediaLayout:
         seen = torch.cumsum((input_ids == image_token_id).long(), dim=1)
         if images_before is not None:
             seen = seen + images_before.to(seen.device)[:, None]
-        media_index = seen - 1
+        return cls.from_media_index(seen - 1, num_media, policy)
+
+    @classmethod
+    def from_media_index(cls, media_index: torch.Tensor, num_media: int, policy: str) -> MediaLayout:
+        """Layout of tokens whose latest image is ``media_index`` (``-1``: none yet)."""
         if policy == "immediate":
             return cls(media_index, num_media, policy, plan=ChunkPlan.build(media_index, num_media))
-        media = torch.arange(num_media, device=input_ids.device)
+        media = torch.arange(num_media, device=media_index.device)
         return cls(media_index, num_media, policy, visible=media <= media_index[..., None])
 
 

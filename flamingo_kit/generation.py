@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from flamingo_kit.cross_attention import MediaLayout
-from flamingo_kit.lm_integration import MediaState
+from flamingo_kit.lm_integration import MediaState, flamingo_layers
 
 
 @dataclass
@@ -49,18 +49,8 @@ class _Decoding:
 def _repeat_media(media: MediaState, repeats: int) -> MediaState:
     kv = {s: tuple(t.repeat_interleave(repeats, 0) for t in kv) for s, kv in media.kv_cache.items()}
     index = media.layout.media_index.repeat_interleave(repeats, 0)
-    layout = _single_step_layout(index, media.layout)
+    layout = MediaLayout.from_media_index(index, media.layout.num_media, media.layout.policy)
     return MediaState(None, layout, kv)
-
-
-def _single_step_layout(media_index: torch.Tensor, like: MediaLayout) -> MediaLayout:
-    """Layout for one new token per row that sees the images ``media_index`` points at."""
-    if like.policy == "immediate":
-        return MediaLayout.build(
-            torch.zeros_like(media_index), -1, like.num_media, like.policy, media_index[:, 0] + 1
-        )
-    visible = torch.arange(like.num_media, device=media_index.device) <= media_index[..., None]
-    return MediaLayout(media_index, like.num_media, like.policy, visible=visible)
 
 
 class GenerationMixin:
@@ -90,13 +80,13 @@ class GenerationMixin:
             return None
         counts = media.layout.media_index[:, -1:]  # last image index per row, -1 if none
         if media.layout.policy != "immediate":
-            return MediaState(None, _single_step_layout(counts, media.layout), media.kv_cache)
+            layout = MediaLayout.from_media_index(counts, media.layout.num_media, "all_previous")
+            return MediaState(None, layout, media.kv_cache)
         rows = torch.arange(counts.shape[0], device=counts.device)
         latest = counts[:, 0].clamp(min=0)
         # Under `immediate` a new token sees only the latest image: gather its K/V once.
         kv = {s: tuple(t[rows, latest].unsqueeze(1) for t in kv) for s, kv in media.kv_cache.items()}
-        layout = MediaLayout(counts.clamp(max=0), 1, "immediate")
-        return MediaState(None, _single_step_layout(layout.media_index, layout), kv)
+        return MediaState(None, MediaLayout.from_media_index(counts.clamp(max=0), 1, "immediate"), kv)
 
     def _prompt_forward(self, input_ids, attention_mask, pixel_values, prefix) -> _Decoding:
         if attention_mask is None:
@@ -152,16 +142,11 @@ class GenerationMixin:
         out = self(input_ids=input_ids, attention_mask=attention_mask, media=media,
                    use_cache=True, logits_to_keep=1)
         if media is not None:  # every layer's K/V, also those no prefix token needed
-            for slot, block in enumerate(self._xattn_blocks()):
-                media.media_kv(slot, block)
+            for layer in flamingo_layers(self.lm):
+                media.media_kv(layer.slot, layer.xattn)
         return PrefixState(out.past_key_values, attention_mask,
                            None if media is None else media.latents,
                            {} if media is None else media.kv_cache, out.logits[:, -1])
-
-    def _xattn_blocks(self):
-        from flamingo_kit.lm_integration import find_decoder_layers
-
-        return [layer.xattn for layer in find_decoder_layers(self.lm) if hasattr(layer, "xattn")]
 
     def _step(self, state: _Decoding, tokens: torch.Tensor) -> None:
         """Feed one new token per row; updates caches and next-token logits in place."""
@@ -202,7 +187,8 @@ class GenerationMixin:
         if num_beams > 1 and do_sample:
             raise ValueError("choose beam search (num_beams > 1) or sampling, not both")
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
             stop = self._stop_ids(eos_token_id).to(input_ids.device)
             pad = pad_token_id if pad_token_id is not None else self._default_pad()
@@ -216,7 +202,8 @@ class GenerationMixin:
                 sampler = _Sampler(do_sample, temperature, top_p, top_k, generator)
                 new = self._sample(state, max_new_tokens, stop, pad, sampler)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         return torch.cat([input_ids, new], dim=1) if return_prompt else new
 
     def _suppress(self, logits: torch.Tensor) -> torch.Tensor:

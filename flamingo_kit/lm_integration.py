@@ -138,6 +138,11 @@ def find_decoder_layers(lm: nn.Module) -> nn.ModuleList:
     return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
+def flamingo_layers(lm: nn.Module) -> list[FlamingoLayer]:
+    """The decoder blocks that carry a cross-attention block, in layer order."""
+    return [module for module in lm.modules() if isinstance(module, FlamingoLayer)]
+
+
 def cross_attention_layer_indices(n_layers: int, every_n: int) -> list[int]:
     """Blocks preceded by cross-attention: every ``every_n``-th, counting from 1."""
     return [i for i in range(n_layers) if (i + 1) % every_n == 0]

@@ -24,7 +24,7 @@ from flamingo_kit.generation import GenerationMixin, PrefixState
 from flamingo_kit.lm_integration import (
     MediaState,
     bare_lm_state_dict,
-    find_decoder_layers,
+    flamingo_layers,
     insert_cross_attention,
     media_scope,
 )
@@ -172,16 +172,14 @@ class FlamingoModel(GenerationMixin, nn.Module):
             self.vision.eval()
         if self.config.freeze_lm:
             self.lm.eval()
-            for layer in find_decoder_layers(self.lm):
-                if hasattr(layer, "xattn"):
-                    layer.xattn.train(mode)
+            for layer in flamingo_layers(self.lm):
+                layer.xattn.train(mode)
         return self
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """Recompute each cross-attention + decoder layer in backward to save memory."""
-        for layer in find_decoder_layers(self.lm):
-            if hasattr(layer, "xattn"):
-                layer.activation_checkpointing = enabled
+        for layer in flamingo_layers(self.lm):
+            layer.activation_checkpointing = enabled
 
     def trainable_parameters(self):
         """Parameters the optimizer should update."""
