@@ -361,6 +361,13 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
 # -- command line and output ----------------------------------------------------------------
 
 
+def image_sweep(args: argparse.Namespace) -> tuple[list[int], int, int]:
+    """(images per sequence, batch size, sequence length) to run; tiny under ``--smoke``."""
+    if args.smoke:
+        return [1, 4], 1, 16
+    return [int(n) for n in args.images.split(",")], args.batch_size, args.seq_len
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Flags every benchmark shares: device, dtype, threads, seed, repeats, smoke size."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")

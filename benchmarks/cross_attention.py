@@ -29,6 +29,7 @@ from benchmarks.common import (
     format_table,
     idefics_config,
     idefics_image_attention_mask,
+    image_sweep,
     interleaved_ids,
     interleaved_medians,
     open_gates,
@@ -147,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table, return the raw results."""
     args = parse_args(argv)
     rt = setup_runtime(args)
-    images, batch_size, seq_len = [int(n) for n in args.images.split(",")], args.batch_size, args.seq_len
-    if args.smoke:
-        images, batch_size, seq_len = [1, 4], 1, 16
+    images, batch_size, seq_len = image_sweep(args)
     print(rt.header(f"one cross-attention layer, forward, batch {batch_size} x {seq_len} tokens"))
     results = run(rt, images, batch_size, seq_len, args.seed)
     print(report(results, images))

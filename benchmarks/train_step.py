@@ -25,6 +25,7 @@ from benchmarks.common import (
     build_idefics,
     build_ours,
     format_table,
+    image_sweep,
     interleaved_ids,
     interleaved_medians,
     model_inputs,
@@ -126,9 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table, return the raw results."""
     args = parse_args(argv)
     rt = setup_runtime(args)
-    images, batch_size, seq_len = [int(n) for n in args.images.split(",")], args.batch_size, args.seq_len
-    if args.smoke:
-        images, batch_size, seq_len = [1, 4], 1, 16
+    images, batch_size, seq_len = image_sweep(args)
     print(rt.header(f"train step (forward + loss + backward + AdamW), batch {batch_size} x "
                     f"{seq_len} tokens"))
     results = run(rt, images, batch_size, seq_len, args.seed)
