@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import re
 
 import pytest
 import webdataset as wds
@@ -12,7 +13,7 @@ from PIL import Image
 
 from data_pipelines.loading import SourceConfig, build_loader
 from data_pipelines.synthetic import WorldConfig, synthesize
-from data_pipelines.synthetic.documents import DOC_BUILDERS
+from data_pipelines.synthetic.documents import DOC_BUILDERS, corpus_line
 from data_pipelines.synthetic.language import (
     REAL_WORDS,
     caption,
@@ -233,3 +234,21 @@ def test_world_trains_through_the_loader(world):
         assert batch["pixel_values"].shape[-2:] == (32, 32)
         assert (batch["labels"] != -100).any(dim=1).all()
     assert loader.skipped() == {}
+
+
+def test_corpus_naming_and_copy_lines_need_the_context():
+    """Names hold within a line only (fresh per line); copy lines repeat one word list."""
+    rng = random.Random(3)
+    lines = [corpus_line(rng) for _ in range(400)]
+    naming = [line for line in lines if re.fullmatch(r"(a \w+ \w+\. ?)+", line)]
+    copies = [line for line in lines if not line.startswith("a ") and line.count(".") > 1
+              and len({part.strip() for part in line.split(".") if part.strip()}) == 1]
+    assert len(naming) > 80 and len(copies) > 30
+    names_per_class: dict[str, set[str]] = {}
+    for line in naming:
+        pairs = set(re.findall(r"a (\w+) (\w+)\.", line))
+        assert len({c for c, _ in pairs}) == len(pairs)  # one name per class within a line
+        for cls, name in pairs:
+            assert name not in REAL_WORDS
+            names_per_class.setdefault(cls, set()).add(name)
+    assert all(len(names) > 5 for names in names_per_class.values())  # names change per line

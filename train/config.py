@@ -91,6 +91,10 @@ class LMStage:
     corpus: str = "data/synth/corpus.txt"
     block_size: int = 128
     tokenizer_vocab_size: int = 512
+    # Batches at the start made only of repeated random-token rows, then the share of such rows
+    # in every later batch (train.packing.CopyWarmupLoader): they form induction heads fast.
+    copy_warmup_steps: int = 0
+    copy_fraction: float = 0.0
     model: LMShape = field(default_factory=LMShape)
 
 

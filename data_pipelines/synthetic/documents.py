@@ -11,7 +11,10 @@ learning pays off (bursty data, Chan et al. 2022):
 - ``story``: each image followed by a sentence about it, with distractor sentences around.
 
 The text corpus (for LM pretraining) mirrors these with words instead of images: captions, a
-described scene followed by questions about it, and text-only binding episodes.
+described scene followed by questions about it, and text-only binding episodes, both as
+sentences (``the red thing is called blick.``) and with the name right after the class word
+(``a red blick.``), which a two-layer LM learns to copy by induction; plus ``copy`` lines (a
+list of nonsense words said two or three times) that reward reading from the context at all.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from data_pipelines.synthetic.language import (
     caption,
     fresh_names,
     location,
+    nonsense_word,
     phrase,
     questions,
 )
@@ -34,7 +38,8 @@ from data_pipelines.synthetic.scenes import COLORS, SHAPES, UniqueImages, sample
 # Shares of document kinds. Binding episodes get the largest share: label binding only emerges
 # when many documents reward reading names from the context (bursty data).
 DOC_KINDS = {"captions": 0.2, "vqa": 0.3, "binding": 0.4, "story": 0.1}
-CORPUS_KINDS = {"captions": 0.2, "qa": 0.25, "binding": 0.45, "story": 0.1}
+CORPUS_KINDS = {"captions": 0.1, "qa": 0.125, "binding": 0.225, "naming": 0.35, "copy": 0.15,
+                "story": 0.05}
 BINDING_ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES}
 
 Item = str | Image.Image
@@ -128,10 +133,15 @@ def corpus_line(rng: random.Random) -> str:
         objects = sample_scene(rng)
         qa = rng.choice(questions(objects, rng))
         return f"{caption(objects)} Question: {qa.question} Short answer: {qa.answer}"
-    if kind == "binding":
+    if kind in ("binding", "naming"):
         attribute = rng.choice(tuple(BINDING_ATTRIBUTES))
         names, order = binding_episode(rng, attribute, rng.choice((2, 3)), rng.randint(2, 4))
+        if kind == "naming":
+            return " ".join(f"a {cls} {names[cls]}." for cls in order)
         noun = "thing" if attribute == "color" else "shape"
         return " ".join(f"the {cls} {noun} is called {names[cls]}." for cls in order)
+    if kind == "copy":
+        words = " ".join(nonsense_word(rng) for _ in range(rng.randint(3, 8))) + "."
+        return " ".join([words] * rng.randint(2, 3))
     objects = sample_scene(rng)
     return " ".join([rng.choice(FILLER), f"here is {caption(objects)}", rng.choice(FILLER)])

@@ -34,7 +34,7 @@ class WorldConfig:
     seed: int = 0
     n_pairs: int = 2000
     n_docs: int = 2500
-    n_corpus: int = 8000
+    n_corpus: int = 80000  # text lines; enough that LM pretraining never repeats an episode
     n_eval: int = 100  # images per eval split (train and test) for each task
     n_episodes: int = 20  # label-binding episodes
     image_size: int = 64

@@ -17,7 +17,7 @@ from flamingo_kit.tiny import lm_config
 from train.config import TrainConfig
 from train.distributed import DistInfo, barrier
 from train.losses import weighted_lm_loss
-from train.packing import PackedBlockLoader, pack_documents
+from train.packing import CopyWarmupLoader, PackedBlockLoader, pack_documents
 from train.stages import Batch, StageParts, count_attended_tokens
 
 TOKENIZER_DIR = "tokenizer"
@@ -72,6 +72,12 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
     blocks = pack_documents(token_lists, tokenizer.eos_token_id, stage.block_size)
     loader = PackedBlockLoader(blocks, cfg.deepspeed.micro_batch_size, seed=cfg.seed,
                                rank=dist.rank, world_size=dist.world_size)
+    if stage.copy_warmup_steps or stage.copy_fraction:
+        special = set(tokenizer.all_special_ids)
+        loader = CopyWarmupLoader(
+            loader, [i for i in range(len(tokenizer)) if i not in special],
+            warmup_steps=stage.copy_warmup_steps, fraction=stage.copy_fraction,
+            seed=cfg.seed * 7919 + dist.rank)
     shape = stage.model
     config = lm_config(shape.family, vocab_size=len(tokenizer), hidden_size=shape.hidden_size,
                        num_layers=shape.num_layers, num_heads=shape.num_heads,
