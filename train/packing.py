@@ -138,5 +138,5 @@ class CopyWarmupLoader:
         self.inner.load_state_dict(state)
 
     def skipped(self) -> dict[str, int]:
-        """Packed text has nothing to drop."""
-        return {}
+        """What the wrapped loader dropped (copy rows drop nothing)."""
+        return self.inner.skipped()
