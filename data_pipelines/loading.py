@@ -40,6 +40,9 @@ class SourceConfig:
     ``kind`` is ``"interleaved"`` or ``"pairs"``; ``shards`` a brace pattern, a list of paths or a
     directory of ``.tar`` files; ``weight`` its share of samples in the mixture (relative);
     ``loss_weight`` is passed through for the trainer (batches carry ``source_index``).
+    ``weight_schedule`` lists ``(batch, weight)`` changes: from the stream's ``batch``-th batch
+    on (0-based, counted per rank over all its workers) the source has that weight; before the
+    first change it has ``weight``. A weight of 0 leaves the source out while it holds.
     """
 
     name: str
@@ -47,6 +50,7 @@ class SourceConfig:
     shards: str | list[str]
     weight: float = 1.0
     loss_weight: float = 1.0
+    weight_schedule: list[tuple[int, float]] = field(default_factory=list)
     shard_paths: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -54,14 +58,26 @@ class SourceConfig:
             raise ValueError(
                 f"source {self.name!r}: kind must be one of {sorted(DECODERS)}, got {self.kind!r}"
             )
-        if not self.weight > 0:
-            raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
+        self.weight_schedule = [(int(b), float(w)) for b, w in self.weight_schedule]
+        weights = [self.weight] + [w for _, w in self.weight_schedule]
+        if not min(weights) >= 0 or not max(weights) > 0:
+            raise ValueError(f"source {self.name!r}: weights must be >= 0 and one of them > 0, "
+                             f"got {weights}")
+        starts = [b for b, _ in self.weight_schedule]
+        if starts != sorted(set(starts)) or (starts and starts[0] < 1):
+            raise ValueError(f"source {self.name!r}: weight_schedule batches must be >= 1 and "
+                             f"strictly increasing, got {starts}")
         self.shard_paths = expand_shards(self.shards)
         if not self.shard_paths:
             raise ValueError(
                 f"source {self.name!r}: no shards found for {self.shards!r}; pass a brace pattern "
                 "like 'dir/docs-{000000..000003}.tar', a list of paths, or a directory of .tar"
             )
+
+
+    def weight_at(self, batch: int) -> float:
+        """The sampling weight for the stream's ``batch``-th batch (0-based)."""
+        return ([self.weight] + [w for start, w in self.weight_schedule if start <= batch])[-1]
 
 
 class MixtureStream:
@@ -83,7 +99,9 @@ class MixtureStream:
         self.image_processor = image_processor
         self.batch_size = batch_size
         self.pad_token_id = builder.tokenizer.pad_token_id
-        rank, _, worker, _ = stream
+        rank, _, worker, num_workers = stream
+        self.worker, self.num_workers = worker, num_workers
+        self.batches_done = 0  # batches this stream has yielded; the schedules read it
         self.streams = [
             SourceStream(s.name, s.shard_paths, seed, stream, shuffle_buffer, resampled)
             for s in self.sources
@@ -95,11 +113,13 @@ class MixtureStream:
         return {
             "rng": [version, list(internal), gauss],
             "sources": [s.state_dict() for s in self.streams],
+            "batches": self.batches_done,
         }
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self.batches_done = int(state.get("batches", 0))
         if len(state["sources"]) != len(self.streams):
             raise ValueError(
                 f"saved state has {len(state['sources'])} sources, loader has {len(self.streams)}"
@@ -125,7 +145,13 @@ class MixtureStream:
             active = [i for i, s in enumerate(self.streams) if not s.exhausted]
             if not active:
                 return None
-            weights = [self.sources[i].weight for i in active]
+            # Workers take batches in turn, so this stream's next batch is the rank's
+            # (done * workers + worker)-th: every stream switches weights at the same batch.
+            batch = self.batches_done * self.num_workers + self.worker
+            weights = [self.sources[i].weight_at(batch) for i in active]
+            if not any(weights):
+                raise RuntimeError(f"every unfinished source has weight 0 at batch {batch}: "
+                                   f"{[self.sources[i].name for i in active]}")
             index = self.rng.choices(active, weights=weights)[0]
             stream = self.streams[index]
             start_epoch = stream.epoch
@@ -149,6 +175,7 @@ class MixtureStream:
             indices, docs, pixels = zip(*samples)
             batch = collate(docs, pixels, self.pad_token_id)
             batch["source_index"] = torch.tensor(indices, dtype=torch.long)
+            self.batches_done += 1
             yield batch, self.state_dict()
             if len(samples) < self.batch_size:
                 return

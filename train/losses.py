@@ -29,18 +29,29 @@ def weighted_lm_loss(
     gradient per token it supervises. Logits are upcast to fp32 because bf16 log-softmax over a
     large vocabulary loses the small probabilities that matter for the loss.
     """
+    per_token = next_token_losses(logits, labels)
+    if row_weights is not None:
+        per_token = per_token * row_weights.to(per_token.dtype)[:, None]
+    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+    return per_token.sum() / n_tokens
+
+
+def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T-1]`` fp32 cross-entropy of predicting ``labels[:, t+1]``; 0 where it is -100."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    per_token = F.cross_entropy(
+    return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view_as(shift_labels)
-    if row_weights is not None:
-        per_token = per_token * row_weights.to(per_token.dtype)[:, None]
-    n_tokens = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
-    return per_token.sum() / n_tokens
+
+
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed next-token cross-entropy and the number of supervised tokens."""
+    return next_token_losses(logits, labels).sum(1), (labels[:, 1:] != IGNORE_INDEX).sum(1)
 
 
 def clip_loss_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,7 @@ class MetricsLogger:
                  progress: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self._bar = self._tb = self._file = None
+        self._image_reliance = None  # the latest measured value, shown in the progress bar
         if not enabled:
             return
         # Append: a resumed run continues the same file.
@@ -75,11 +76,14 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(f"train/{key}", value, step)
+        self._image_reliance = metrics.get("image_reliance", self._image_reliance)
         if self._bar is not None:
             self._bar.n = step
+            extra = {} if self._image_reliance is None else {"img_rel": f"{self._image_reliance:.3f}"}
             self._bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                tok_s=f"{metrics['tokens_per_s']:.0f}", skipped=metrics["skipped"], refresh=False,
+                tok_s=f"{metrics['tokens_per_s']:.0f}", skipped=metrics["skipped"], **extra,
+                refresh=False,
             )
             self._bar.refresh()
 

@@ -2,21 +2,26 @@
 
 Trains the Perceiver Resampler, the gated cross-attention, the media-token rows (and LoRA when
 ``flamingo.model.lora`` is set) on a weighted mix of interleaved and pair sources, each with its
-own loss weight. ``RUN/final`` loads with ``FlamingoModel.from_pretrained`` and
+own loss weight and optional weight schedule. With ``logging.image_reliance_every`` it also
+measures how much the model uses its images on ``flamingo.heldout_sources``
+(``train.diagnostics``). ``RUN/final`` loads with ``FlamingoModel.from_pretrained`` and
 ``FlamingoProcessor.from_pretrained``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from data_pipelines.loading import SourceConfig, build_loader
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
-from train.config import TrainConfig
+from train import diagnostics
+from train.config import SourceSettings, TrainConfig
 from train.distributed import DistInfo
 from train.losses import weighted_lm_loss
-from train.stages import Batch, StageParts, count_attended_tokens
+from train.stages import Batch, StageParts, count_attended_tokens, float_dtype, to_device
 
 
 def make_loss(loss_weights: list[float]):
@@ -30,6 +35,51 @@ def make_loss(loss_weights: list[float]):
         return weighted_lm_loss(out.logits, batch["labels"], row_weights)
 
     return flamingo_loss
+
+
+def source_configs(settings: list[SourceSettings], grad_accum: int = 1) -> list[SourceConfig]:
+    """Loader sources; weight schedules turn from optimizer steps into batches."""
+    return [SourceConfig(name=s.name, kind=s.kind, shards=s.shards, weight=s.weight,
+                         loss_weight=s.loss_weight,
+                         weight_schedule=[(c.step * grad_accum, c.weight)
+                                          for c in s.weight_schedule])
+            for s in settings]
+
+
+def check_heldout(train: list[SourceConfig], heldout: list[SourceConfig]) -> None:
+    """Refuse held-out shards that are also training shards: they would not be held out."""
+    used = {os.path.realpath(p) for s in train for p in s.shard_paths}
+    shared = sorted(p for s in heldout for p in s.shard_paths if os.path.realpath(p) in used)
+    if shared:
+        raise ValueError(f"flamingo.heldout_sources share shards with flamingo.sources: "
+                         f"{shared[:3]}; image reliance must be measured on data the run does "
+                         "not train on")
+
+
+def make_diagnose(cfg: TrainConfig, sources: list[SourceConfig], processor, image_processor):
+    """``engine -> numbers`` on a fixed held-out batch, or ``None`` when turned off."""
+    if not cfg.logging.image_reliance_every:
+        return None
+    heldout = source_configs(cfg.flamingo.heldout_sources)
+    check_heldout(sources, heldout)
+    data = diagnostics.load_heldout(
+        heldout, processor.tokenizer, image_processor, cfg.logging.image_reliance_samples,
+        batch_size=cfg.deepspeed.micro_batch_size, max_length=cfg.flamingo.max_length,
+        max_images=cfg.flamingo.max_images, seed=cfg.seed)
+
+    def diagnose(engine) -> dict[str, float]:
+        gather = None
+        if cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            def gather(params):
+                return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        dtype = float_dtype(cfg.deepspeed.precision)
+        moved = diagnostics.HeldOutData([to_device(b, engine.device, dtype) for b in data.batches],
+                                        data.source_names)
+        return diagnostics.diagnose(engine, engine.module, moved, gather)
+
+    return diagnose
 
 
 def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
@@ -49,8 +99,7 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
         raise ValueError(f"flamingo.model: {error}") from None
     model = FlamingoModel.from_parts(lm=stage.lm, vision=stage.vision, config=model_config,
                                      processor=processor)
-    sources = [SourceConfig(name=s.name, kind=s.kind, shards=s.shards, weight=s.weight,
-                            loss_weight=s.loss_weight) for s in stage.sources]
+    sources = source_configs(stage.sources, cfg.deepspeed.grad_accum)
     loader = build_loader(
         sources, processor.tokenizer, image_processor, batch_size=cfg.deepspeed.micro_batch_size,
         max_length=stage.max_length, max_images=stage.max_images, seed=cfg.seed, rank=dist.rank,
@@ -61,4 +110,5 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
         processor.save_pretrained(directory)
 
     return StageParts(model=model, loader=loader, loss=make_loss([s.loss_weight for s in sources]),
-                      export=export, count_tokens=count_attended_tokens)
+                      export=export, count_tokens=count_attended_tokens,
+                      diagnose=make_diagnose(cfg, sources, processor, image_processor))
