@@ -118,6 +118,9 @@ def test_trainer_logs_diagnostics_to_jsonl_and_tensorboard_and_cli_agrees(
     reported = json.loads(capsys.readouterr().out)
     for key in ("image_reliance", "heldout_loss", "gate_attn_0", "perceiver_spread"):
         assert reported[key] == pytest.approx(logged[-1][key], abs=1e-5), key
+    assert diagnose_cli.main([run_dir, "--history"]) == 0
+    history = capsys.readouterr().out.splitlines()
+    assert "reliance" in history[0] and [int(x.split()[0]) for x in history[1:]] == [1, 2, 4, 5]
     assert diagnose_cli.main([run_dir + "/final", "--data",
                               f"pairs:{world['heldout_pairs']}"]) == 0
     assert "image_reliance_pairs" in capsys.readouterr().out

@@ -186,6 +186,9 @@ class FlamingoStage:
 
     lm: str = "runs/lm/final"
     vision: str = "runs/contrastive/final"
+    # Relative shard paths of ``sources`` and ``heldout_sources`` are taken relative to this
+    # directory ("" = the working directory), so one override moves a recipe to other data.
+    data_root: str = ""
     # Keyword arguments of ``flamingo_kit.FlamingoConfig``; checked against it at setup.
     model: dict[str, Any] = field(default_factory=dict)
     max_length: int = 128

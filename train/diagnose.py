@@ -7,12 +7,16 @@ outputs. Works on any directory written by ``FlamingoModel.save_pretrained`` (wi
 processor), or a run directory (its ``final/`` model and, unless ``--data`` says otherwise,
 the held-out sources and sizes of its ``config.yaml``).
 
+``--history`` prints instead what the trainer logged in ``RUN/metrics.jsonl``: image reliance,
+its per-source parts, the gates and the resampler spread at every measured step.
+
 ``--data`` is repeatable: ``KIND:SHARDS`` (``pairs:data/synth/heldout/pairs``,
 ``interleaved:dir/docs-{000000..000003}.tar``) or a synthetic world root written by
 ``flamingo-data synth`` (its ``heldout/`` pairs and documents).
 
     python -m train.diagnose runs/flamingo --data data/synth
     python -m train.diagnose runs/flamingo/final --data pairs:my/heldout/pairs --json
+    python -m train.diagnose runs/flamingo --history
 """
 
 from __future__ import annotations
@@ -68,6 +72,26 @@ def format_report(values: dict[str, float], n_samples: int) -> str:
     return "\n".join(lines)
 
 
+def format_history(records: list[dict]) -> str:
+    """One line per measured step of a run's metrics: loss, image reliance, gates, spread."""
+    rows = [r for r in records if "image_reliance" in r]
+    if not rows:
+        return "no image-reliance measurements in this run (logging.image_reliance_every=0?)"
+    sources = sorted(k.removeprefix("image_reliance_") for k in rows[-1]
+                     if k.startswith("image_reliance_"))
+    lines = [f"{'step':>6} {'loss':>7} {'reliance':>9} " + " ".join(f"{s:>8}" for s in sources)
+             + f" {'max|gate|':>9} {'spread':>7}"]
+    for r in rows:
+        gate = max((abs(v) for k, v in r.items() if k.startswith("gate_")), default=0.0)
+        parts = " ".join(f"{r.get(f'image_reliance_{s}', float('nan')):>8.3f}" for s in sources)
+        lines.append(f"{r['step']:>6} {r['loss']:>7.3f} {r['image_reliance']:>9.3f} {parts} "
+                     f"{gate:>9.3f} {r['perceiver_spread']:>7.3f}")
+    for r in records:
+        if r.get("event") == "warning_images_ignored":
+            lines.append(f"step {r['step']}: {r['message']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load the model and held-out data, print the diagnostics; exit code 2 on bad input."""
     parser = argparse.ArgumentParser(prog="python -m train.diagnose",
@@ -82,13 +106,23 @@ def main(argv: list[str] | None = None) -> int:
                         "permuted within a batch (default: the run's micro batch size, else 8)")
     parser.add_argument("--seed", type=int, help="held-out sampling seed (default: the run's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--save", metavar="FILE", help="also write the JSON object to FILE")
+    parser.add_argument("--history", action="store_true",
+                        help="print the measurements logged during training (run directory)")
     args = parser.parse_args(argv)
+    if args.history:
+        from train.metrics import read_metrics
+
+        try:
+            print(format_history(read_metrics(args.path)))
+        except FileNotFoundError as error:
+            print(f"train.diagnose: {error}; --history needs a run directory", file=sys.stderr)
+            return 2
+        return 0
     try:
         model_dir, run_cfg = resolve(args.path)
         specs = [s for spec in args.data for s in parse_data(spec)]
-        if not specs and run_cfg is not None:
-            specs = [(s.name, s.kind, s.shards) for s in run_cfg.flamingo.heldout_sources]
-        if not specs:
+        if not specs and run_cfg is None:
             raise ValueError("no held-out data: pass --data KIND:SHARDS or a world root")
         # Without overrides a run is measured exactly as its trainer measured it.
         samples = args.samples or (run_cfg.logging.image_reliance_samples if run_cfg else 32)
@@ -99,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         from data_pipelines.loading import SourceConfig
         from flamingo_kit import FlamingoModel, FlamingoProcessor
         from train import diagnostics
+        from train.stages.flamingo import source_configs
 
-        sources = [SourceConfig(name=n, kind=k, shards=s) for n, k, s in specs]
+        sources = ([SourceConfig(name=n, kind=k, shards=s) for n, k, s in specs] if specs else
+                   source_configs(run_cfg.flamingo.heldout_sources, run_cfg.flamingo.data_root))
         model = FlamingoModel.from_pretrained(model_dir)
         processor = FlamingoProcessor.from_pretrained(model_dir)
         data = diagnostics.load_heldout(
@@ -112,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(seed)
     values = diagnostics.diagnose(model, model, data)
+    report = {"model": os.path.abspath(model_dir), "samples": data.n_samples, **values}
+    if args.save:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+        with open(args.save, "w") as f:
+            json.dump(report, f, indent=1)
     if args.json:
-        print(json.dumps({"model": os.path.abspath(model_dir), "samples": data.n_samples,
-                          **values}, indent=1))
+        print(json.dumps(report, indent=1))
     else:
         print(f"model {os.path.abspath(model_dir)}")
         print(format_report(values, data.n_samples))

@@ -37,10 +37,18 @@ def make_loss(loss_weights: list[float]):
     return flamingo_loss
 
 
-def source_configs(settings: list[SourceSettings], grad_accum: int = 1) -> list[SourceConfig]:
+def under_root(shards, root: str):
+    """Shard spec(s) with relative paths taken relative to ``root``."""
+    if isinstance(shards, str):
+        return os.path.join(root, shards)
+    return [os.path.join(root, path) for path in shards]
+
+
+def source_configs(settings: list[SourceSettings], root: str = "", grad_accum: int = 1
+                   ) -> list[SourceConfig]:
     """Loader sources; weight schedules turn from optimizer steps into batches."""
-    return [SourceConfig(name=s.name, kind=s.kind, shards=s.shards, weight=s.weight,
-                         loss_weight=s.loss_weight,
+    return [SourceConfig(name=s.name, kind=s.kind, shards=under_root(s.shards, root),
+                         weight=s.weight, loss_weight=s.loss_weight,
                          weight_schedule=[(c.step * grad_accum, c.weight)
                                           for c in s.weight_schedule])
             for s in settings]
@@ -60,7 +68,7 @@ def make_diagnose(cfg: TrainConfig, sources: list[SourceConfig], processor, imag
     """``engine -> numbers`` on a fixed held-out batch, or ``None`` when turned off."""
     if not cfg.logging.image_reliance_every:
         return None
-    heldout = source_configs(cfg.flamingo.heldout_sources)
+    heldout = source_configs(cfg.flamingo.heldout_sources, cfg.flamingo.data_root)
     check_heldout(sources, heldout)
     data = diagnostics.load_heldout(
         heldout, processor.tokenizer, image_processor, cfg.logging.image_reliance_samples,
@@ -99,7 +107,7 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
         raise ValueError(f"flamingo.model: {error}") from None
     model = FlamingoModel.from_parts(lm=stage.lm, vision=stage.vision, config=model_config,
                                      processor=processor)
-    sources = source_configs(stage.sources, cfg.deepspeed.grad_accum)
+    sources = source_configs(stage.sources, stage.data_root, cfg.deepspeed.grad_accum)
     loader = build_loader(
         sources, processor.tokenizer, image_processor, batch_size=cfg.deepspeed.micro_batch_size,
         max_length=stage.max_length, max_images=stage.max_images, seed=cfg.seed, rank=dist.rank,
