@@ -166,7 +166,11 @@ class FlamingoModel(GenerationMixin, nn.Module):
                 param.requires_grad_(True)
 
     def train(self, mode: bool = True) -> FlamingoModel:
-        """Like ``nn.Module.train`` but frozen towers stay in eval mode (no dropout)."""
+        """Like ``nn.Module.train`` but frozen towers stay in eval mode (no dropout).
+
+        What trains inside a frozen LM follows ``mode``: the cross-attention blocks and the
+        LoRA adapters' dropout (``lora={"dropout": p}``).
+        """
         super().train(mode)
         if self.config.freeze_vision:
             self.vision.eval()
@@ -174,6 +178,10 @@ class FlamingoModel(GenerationMixin, nn.Module):
             self.lm.eval()
             for layer in flamingo_layers(self.lm):
                 layer.xattn.train(mode)
+            for module in self.lm.modules():
+                lora_dropout = getattr(module, "lora_dropout", None)  # peft LoRA layers
+                if isinstance(lora_dropout, nn.ModuleDict):
+                    lora_dropout.train(mode)
         return self
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
