@@ -240,42 +240,62 @@ class FlamingoModel(GenerationMixin, nn.Module):
             logits = torch.cat([logits, pad], dim=-1)
         return logits.index_copy(-1, self.media_token_ids, extra)
 
-    def encode_images(self, pixel_values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, N, L, D]`` of the first ``counts[b]`` images of each row (others 0)."""
+    def encode_images(
+        self, pixel_values: torch.Tensor, counts: torch.Tensor, first_position: int = 0
+    ) -> torch.Tensor:
+        """Latents ``[B, N, L, D]`` of the first ``counts[b]`` images of each row (others 0).
+
+        Image n of a row is the sequence's image ``first_position + n`` (its media-position
+        embedding): ``first_position`` counts the images of a cached prefix before it.
+        """
         b, n = pixel_values.shape[:2]
         valid = torch.arange(n, device=counts.device)[None] < counts[:, None]
-        positions = torch.arange(n, device=counts.device).expand(b, n)[valid]
+        positions = (torch.arange(n, device=counts.device) + first_position).expand(b, n)[valid]
         patches = self.vision(pixel_values[valid.to(pixel_values.device)])
         latents = self.perceiver(patches.to(self.perceiver.latents.dtype), positions)
         out = latents.new_zeros(b, n, *latents.shape[1:])
         return out.index_put((valid,), latents)
 
     def media_state(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        earlier_latents: torch.Tensor | None = None,
     ) -> MediaState | None:
-        """Encode the images of a batch and lay out which token sees which image."""
+        """Encode the images of a batch and lay out which token sees which image.
+
+        ``earlier_latents`` ``[B, N0, L, D]`` are the images of a cached prefix that
+        ``input_ids`` continue: the new images are the sequence's images N0, N0+1, ... both for
+        their media-position embeddings and for the layout, exactly as in the whole prompt.
+        """
         counts = (input_ids == self.image_token_id).sum(1)
         n_max = int(counts.max()) if counts.numel() else 0
-        if n_max == 0:
+        n_before = 0 if earlier_latents is None else earlier_latents.shape[1]
+        if n_max == 0 and n_before == 0:
             return None
-        if pixel_values is None:
-            raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
-        if pixel_values.dim() == 5:  # [B, N, C, H, W]: one frame per image
-            pixel_values = pixel_values.unsqueeze(2)
-        if pixel_values.dim() != 6 or pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"pixel_values must be [B, N_images, F, C, H, W] with B={input_ids.shape[0]}, "
-                f"got {tuple(pixel_values.shape)}"
-            )
-        if pixel_values.shape[1] < n_max:
-            raise ValueError(
-                f"a row has {n_max} <image> tokens but pixel_values holds only "
-                f"{pixel_values.shape[1]} images per row"
-            )
-        latents = self.encode_images(pixel_values, counts)
-        layout = MediaLayout.build(
-            input_ids, self.image_token_id, latents.shape[1], self.config.media_policy
-        )
+        latents = earlier_latents
+        if n_max:
+            if pixel_values is None:
+                raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
+            if pixel_values.dim() == 5:  # [B, N, C, H, W]: one frame per image
+                pixel_values = pixel_values.unsqueeze(2)
+            if pixel_values.dim() != 6 or pixel_values.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"pixel_values must be [B, N_images, F, C, H, W] with B={input_ids.shape[0]}, "
+                    f"got {tuple(pixel_values.shape)}"
+                )
+            if pixel_values.shape[1] < n_max:
+                raise ValueError(
+                    f"a row has {n_max} <image> tokens but pixel_values holds only "
+                    f"{pixel_values.shape[1]} images per row"
+                )
+            new = self.encode_images(pixel_values, counts, first_position=n_before)
+            latents = new if earlier_latents is None else torch.cat([earlier_latents, new], dim=1)
+        images_before = None
+        if n_before:
+            images_before = torch.full((input_ids.shape[0],), n_before, device=input_ids.device)
+        layout = MediaLayout.build(input_ids, self.image_token_id, latents.shape[1],
+                                   self.config.media_policy, images_before=images_before)
         return MediaState(latents, layout)
 
     def forward(
@@ -295,13 +315,16 @@ class FlamingoModel(GenerationMixin, nn.Module):
 
         ``media`` (from :meth:`media_state`, or a generation cache) replaces ``pixel_values``.
         With ``prefix`` (from :meth:`prefill`) each row continues the cached prefix: the logits
-        are those of ``input_ids`` only, and rows may be right-padded (e.g. to score answers).
+        are those of ``input_ids`` only, and rows may be right-padded (e.g. to score answers);
+        ``labels`` then align with ``input_ids`` and the prefix's last logits score the first.
         """
         if prefix is not None:
             if past_key_values is not None or media is not None:
                 raise ValueError("prefix replaces past_key_values and media; pass only one")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
+            if labels is not None:
+                labels = self._labels_after_prefix(labels, attention_mask)
             past_key_values, attention_mask, media = self._continue_prefix(
                 prefix, input_ids, attention_mask, pixel_values
             )
@@ -325,8 +348,24 @@ class FlamingoModel(GenerationMixin, nn.Module):
                 )
         finally:
             _CALLING_MODEL.reset(calling)
-        loss = causal_lm_loss(out.logits, labels, attention_mask) if labels is not None else None
+        loss = None
+        if labels is not None and prefix is not None:
+            # Target t of the input is predicted by the logits before it: the prefix's last
+            # logits for t = 0, the input's own for the others (``labels`` were shifted to match).
+            first = prefix.logits[:, None].expand(input_ids.shape[0], 1, -1)
+            loss = causal_lm_loss(torch.cat([first.to(out.logits.dtype), out.logits], 1), labels)
+        elif labels is not None:
+            loss = causal_lm_loss(out.logits, labels, attention_mask)
         return FlamingoOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values)
+
+    @staticmethod
+    def _labels_after_prefix(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + T]`` labels for logits ``[prefix's last ; input]``; padding ignored."""
+        if labels.shape != attention_mask.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                             f"{tuple(attention_mask.shape)}")
+        labels = labels.masked_fill(attention_mask == 0, -100)
+        return F.pad(labels, (1, 0), value=-100)
 
     # -- saving and loading -----------------------------------------------------------------
 
