@@ -292,8 +292,10 @@ class GenerationMixin:
             worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values,
                                          -1e9)
             may_improve = may_improve & (best_running > worst_finished).any(1, keepdim=True)
-            all_full = bool(is_finished.all()) and early_stopping is True
-            if not bool(may_improve.any()) or all_full or bool(ends.all()):
+            done = ~may_improve.any() | ends.all()
+            if early_stopping is True:
+                done = done | is_finished.all()
+            if bool(done):  # one host sync per step
                 break
             state.past_key_values.reorder_cache(beam_rows)
             state.attention_mask = state.attention_mask[beam_rows]
