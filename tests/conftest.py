@@ -79,3 +79,18 @@ def open_gates(model: FlamingoModel, value: float = 1.0) -> None:
         for name, param in model.named_parameters():
             if name.endswith(("attn_gate", "ff_gate")):
                 param.fill_(value)
+
+
+def randomise_parameters(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Trained-like weights: noise on every parameter, tanh gates anywhere in [-1, 1].
+
+    Zero-initialised parameters (gates, media rows) hide bugs in equivalence tests.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if name.endswith(("attn_gate", "ff_gate")):
+                param.copy_(torch.rand(param.shape, generator=generator) * 2 - 1)
+            else:
+                param.add_((noise * scale).to(param.dtype))
