@@ -216,9 +216,15 @@ class FlamingoModel(GenerationMixin, nn.Module):
         embed = self.lm.get_input_embeddings()
         is_image = input_ids == self.image_token_id
         is_new = is_image | (input_ids == self.eoc_token_id)
-        if bool((input_ids[~is_new] >= embed.num_embeddings).any()):
-            raise ValueError(f"input_ids hold ids >= the LM vocabulary ({embed.num_embeddings})")
-        base = embed(input_ids.masked_fill(is_new, 0))
+        base_ids = input_ids.masked_fill(is_new, 0)
+        bad = (base_ids < 0) | (base_ids >= embed.num_embeddings)
+        if bool(bad.any()):
+            where = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"input_ids{list(where)} = {int(input_ids[where])} is not a token id: the LM "
+                f"vocabulary is 0..{embed.num_embeddings - 1}, the media tokens "
+                f"{self.image_token_id} and {self.eoc_token_id}")
+        base = embed(base_ids)
         new = self.new_token_embeddings[(~is_image).long()].to(base.dtype)
         return torch.where(is_new[..., None], new, base)
 
