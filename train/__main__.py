@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         final = run(cfg)
+    except ConfigError as error:  # e.g. a resume whose settings differ from the recorded run
+        print(f"flamingo-train: {error}", file=sys.stderr)
+        return 2
     finally:
         shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from train.atomic import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -102,7 +104,34 @@ class MetricsLogger:
         self._bar = self._tb = self._file = None
 
 
+def _read_records(path: str) -> tuple[list[dict[str, Any]], bool]:
+    """Records of a JSONL file, and whether its last line was torn (a write cut by a kill)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # Every record ends with a newline; text after the last one is an unfinished write.
+    torn = bool(lines[-1].strip())
+    return [json.loads(line) for line in lines[:-1] if line.strip()], torn
+
+
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """All records of ``RUN/metrics.jsonl`` (steps and events), in order."""
-    with open(os.path.join(run_dir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All complete records of ``RUN/metrics.jsonl`` (steps and events), in order."""
+    return _read_records(os.path.join(run_dir, METRICS_FILE))[0]
+
+
+def drop_records_after(run_dir: str, step: int) -> int:
+    """Remove the records of steps after ``step`` from ``RUN/metrics.jsonl``; return how many.
+
+    A run that resumes from the checkpoint of ``step`` trains the later steps again, so their
+    earlier records (steps and events) would appear twice; dropping them keeps one record per
+    step, and the steps that are redone are logged again as they happen. A torn last line is
+    dropped too. The file is rewritten atomically, and only when something changes.
+    """
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return 0
+    records, torn = _read_records(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    dropped = len(records) - len(kept) + int(torn)
+    if dropped:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return dropped

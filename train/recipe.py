@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import signal
 import time
 import zlib
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 
 from train import checkpoint
-from train.config import TrainConfig, save_config
+from train.atomic import atomic_directory
+from train.config import CONFIG_FILE, TrainConfig, check_resume, save_config
 from train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -29,7 +29,7 @@ from train.distributed import (
     init_distributed,
 )
 from train.engine import build_engine, enable_activation_checkpointing
-from train.metrics import MetricsLogger, count_parameters, step_flops
+from train.metrics import MetricsLogger, count_parameters, drop_records_after, step_flops
 from train.stages import StageParts, build_stage
 
 FINAL_DIR = "final"
@@ -63,11 +63,19 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: TrainConfig) -> Session:
-    """Process group, run dir, stage parts, DeepSpeed engine, and the resumed state if any."""
+    """Process group, run dir, stage parts, DeepSpeed engine, and the resumed state if any.
+
+    A resume is checked against the run's recorded config before anything is built or written
+    (``train.config.check_resume``); ``config.yaml`` is rewritten only once it is accepted.
+    """
     dist = init_distributed(shm_comm=False)
+    config_path = os.path.join(cfg.run_dir, CONFIG_FILE)
+    latest = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume else None
+    changed = check_resume(cfg, config_path) if latest is not None else {}
     if dist.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        if latest is None:
+            save_config(cfg, config_path)
         checkpoint.remove_partial_checkpoints(cfg.run_dir)
     barrier()
     seed_everything(cfg.seed)
@@ -80,15 +88,21 @@ def setup(cfg: TrainConfig) -> Session:
     # Dropout and sampling differ per rank; the weights were initialised identically above.
     seed_everything(cfg.seed + dist.rank)
     start_step, nonfinite = 0, 0
-    latest = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume else None
     if latest is not None:
         state = checkpoint.load_checkpoint(engine, latest, dist)
         parts.loader.load_state_dict(state["data"])
         start_step, nonfinite = state["step"], state["nonfinite"]
+    dropped = 0
+    if dist.is_main:
+        if latest is not None:
+            save_config(cfg, config_path)  # the resume is accepted: record the allowed changes
+        dropped = drop_records_after(cfg.run_dir, start_step)
+    barrier()
     logger = MetricsLogger(cfg.run_dir, cfg.steps, start_step, enabled=dist.is_main,
                            progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
     if latest is not None:
-        logger.event("resume", step=start_step, checkpoint=latest)
+        logger.event("resume", step=start_step, checkpoint=latest, dropped_records=dropped,
+                     changed={key: list(values) for key, values in changed.items()})
     logger.event("setup", stage=cfg.stage, world_size=dist.world_size,
                  trainable_params=n_trainable, frozen_params=n_frozen,
                  zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision)
@@ -201,17 +215,14 @@ def export(s: Session) -> str:
     import deepspeed
 
     final = os.path.join(s.cfg.run_dir, FINAL_DIR)
-    tmp = final + ".tmp"
     module = s.engine.module
     params = list(module.parameters())
     gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
               if s.cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext())
     with gather:
         if s.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            s.parts.export(module, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
+            with atomic_directory(final) as tmp:
+                s.parts.export(module, tmp)
     barrier()
     s.logger.event("export", path=final)
     return final
