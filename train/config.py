@@ -137,7 +137,9 @@ class TextTowerShape:
 class ContrastiveStage:
     """Stage 2: CLIP/SigLIP training of a vision tower against a text tower on pair shards."""
 
-    shards: str = "data/synth/pairs"
+    shards: str = "data/synth/pairs"  # local paths; see SourceSettings for the opt-ins
+    allow_pipe: bool = False
+    allow_remote: bool = False
     tokenizer: str = "runs/lm/final"
     loss: str = "clip"
     embed_dim: int = 64
@@ -153,9 +155,14 @@ class SourceSettings:
 
     name: str = "docs"
     kind: str = "interleaved"
-    shards: Any = "data/synth/interleaved"  # brace pattern, list of paths or a directory
+    # Local paths: a directory of .tar, a brace pattern, a glob, or a list of these.
+    shards: Any = "data/synth/interleaved"
     weight: float = 1.0
     loss_weight: float = 1.0
+    # Opt-ins for shard strings that are not local paths: `pipe:CMD` runs CMD in a shell;
+    # `http(s)://`, `s3://`, `gs://`, ... fetch over the network (webdataset's openers).
+    allow_pipe: bool = False
+    allow_remote: bool = False
 
 
 @dataclass
