@@ -1,9 +1,15 @@
-"""Rank-0 training telemetry: tqdm bar, JSONL metrics, optional TensorBoard, throughput and MFU."""
+"""Rank-0 training telemetry: progress, JSONL metrics, optional TensorBoard, throughput and MFU.
+
+Progress is a tqdm bar on a terminal; when the output goes to a file or pipe (a job log), a bar
+would write a carriage-return line per refresh, so one plain line is printed every
+:data:`PROGRESS_LINES` th of the run instead.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -12,6 +18,7 @@ import torch
 from train.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+PROGRESS_LINES = 20  # plain progress lines per run when stderr is not a terminal
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -38,7 +45,7 @@ def step_flops(n_trainable: int, n_frozen: int, tokens: float) -> float:
 
 
 class MetricsLogger:
-    """Writes one JSON line per logged step and per event; shows a progress bar on rank 0.
+    """Writes one JSON line per logged step and per event; shows progress on rank 0.
 
     Non-main ranks get a logger whose methods do nothing, so the loop has no rank branches.
     """
@@ -47,15 +54,20 @@ class MetricsLogger:
                  progress: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self._bar = self._tb = self._file = None
+        self._total = total_steps
+        self._line_every = self._last_line = 0  # plain progress lines: interval, last step
         if not enabled:
             return
         # Append: a resumed run continues the same file.
         self._file = open(os.path.join(run_dir, METRICS_FILE), "a")
-        if progress:
+        if progress and sys.stderr.isatty():  # tqdm draws on stderr
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train",
                              dynamic_ncols=True)
+        elif progress:
+            self._line_every = max(1, round(total_steps / PROGRESS_LINES))
+            self._last_line = start_step
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -84,6 +96,12 @@ class MetricsLogger:
                 tok_s=f"{metrics['tokens_per_s']:.0f}", skipped=metrics["skipped"], refresh=False,
             )
             self._bar.refresh()
+        elif self._line_every and (step - self._last_line >= self._line_every
+                                   or step == self._total):
+            self._last_line = step
+            print(f"train step {step}/{self._total} loss {metrics['loss']:.4f} "
+                  f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f} "
+                  f"skipped {metrics['skipped']}", flush=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Record something that is not a step (NaN loss, checkpoint, resume, export)."""

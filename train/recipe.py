@@ -27,6 +27,7 @@ from train.distributed import (
     all_reduce_sum,
     barrier,
     init_distributed,
+    sum_counts,
 )
 from train.engine import build_engine, enable_activation_checkpointing
 from train.metrics import MetricsLogger, count_parameters, drop_records_after, step_flops
@@ -135,11 +136,13 @@ def train_step(s: Session) -> dict[str, Any]:
 
     A micro-batch whose loss is NaN/inf on any rank is dropped on all ranks before backward
     (so no gradient of it reaches the update), logged, and replaced by the next one; the run
-    stops once more than ``max_nonfinite_losses`` were dropped.
+    stops once more than ``max_nonfinite_losses`` were dropped. ``grad_norm`` is the norm of
+    the accumulated gradient before clipping (see :func:`_grad_norm`).
     """
     cfg, engine = s.cfg, s.engine
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     loss_sum, tokens, crc, done = 0.0, 0, 0, 0
+    own_norm = None
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
     start = time.perf_counter()
     while done < cfg.deepspeed.grad_accum:
@@ -157,6 +160,8 @@ def train_step(s: Session) -> dict[str, Any]:
                 )
             continue
         engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary() and _needs_own_grad_norm(engine):
+            own_norm = gradient_norm(engine.module)  # step() clips, then zeroes the gradients
         engine.step()
         loss_sum += float(loss.detach())
         tokens += s.parts.count_tokens(batch)
@@ -165,26 +170,51 @@ def train_step(s: Session) -> dict[str, Any]:
     s.step += 1
     loss_total, tokens_total = all_reduce_sum([loss_sum, float(tokens)])
     seconds = time.perf_counter() - start
-    skipped_samples = sum(getattr(s.parts.loader, "skipped", dict)().values())
+    skipped = skip_counts(s)
     flops = step_flops(s.n_trainable, s.n_frozen, tokens_total)
     return {
         "loss": loss_total / (cfg.deepspeed.grad_accum * s.dist.world_size),
         "lr": lr,
-        "grad_norm": _grad_norm(engine),
+        "grad_norm": _grad_norm(engine, own_norm),
         "tokens": int(tokens_total),
         "tokens_per_s": tokens_total / seconds,
         "mfu": flops / (seconds * cfg.logging.peak_flops * s.dist.world_size),
         "step_time_s": seconds,
-        "skipped": skipped_samples + s.nonfinite,
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": skipped,
         "batch_crc": crc,
     }
 
 
-def _grad_norm(engine) -> float | None:
+def _needs_own_grad_norm(engine) -> bool:
+    """DeepSpeed keeps no norm under ZeRO 0 in fp32 (it clips with ``clip_fp32_gradients`` and
+    drops the value); there the full gradients sit on the parameters, reduced over ranks."""
+    return (engine.zero_optimization_stage() == 0
+            and not (engine.bfloat16_enabled() or engine.fp16_enabled()))
+
+
+def gradient_norm(module: torch.nn.Module) -> float:
+    """L2 norm over the gradients of all trainable parameters (as one vector)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters()
+             if p.requires_grad and p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _grad_norm(engine, own_norm: float | None) -> float | None:
+    """The optimizer step's gradient norm before clipping: DeepSpeed's where it computes one
+    (ZeRO 1-3, bf16), ours otherwise."""
     norm = engine.get_global_grad_norm()
     if norm is None:
-        return None
+        return own_norm
     return float(norm)
+
+
+def skip_counts(s: Session) -> dict[str, int]:
+    """Samples dropped so far on all ranks by reason, plus ``nonfinite_loss`` micro-batches."""
+    counts = sum_counts(getattr(s.parts.loader, "skipped", dict)())
+    if s.nonfinite:
+        counts["nonfinite_loss"] = s.nonfinite
+    return dict(sorted(counts.items()))
 
 
 def save_checkpoint(s: Session) -> str:
@@ -202,12 +232,16 @@ def save_checkpoint(s: Session) -> str:
 def train(s: Session) -> None:
     """Run optimizer steps until ``cfg.steps``, logging and checkpointing on schedule."""
     cfg = s.cfg
+    metrics = None
     while s.step < cfg.steps:
         metrics = train_step(s)
         if s.step % cfg.logging.every == 0 or s.step == cfg.steps:
             s.logger.log_step(s.step, metrics)
         if s.step % cfg.checkpoint.every == 0 or s.step == cfg.steps:
             save_checkpoint(s)
+    skipped = skip_counts(s)
+    s.logger.event("summary", step=s.step, last_loss=metrics["loss"] if metrics else None,
+                   skipped=sum(skipped.values()), skipped_by_reason=skipped)
 
 
 def export(s: Session) -> str:

@@ -13,6 +13,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from data_pipelines.loading import SourceConfig, build_loader
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
+from flamingo_kit.parts import _require_dir
 from train.config import TrainConfig
 from train.distributed import DistInfo
 from train.losses import weighted_lm_loss
