@@ -50,10 +50,15 @@ def test_skips_by_reason_and_missing_shard_are_reported(world, single_process, t
     assert summary[0]["skipped_by_reason"] == steps[-1]["skipped_by_reason"]
 
 
-def test_steps_redone_after_a_resume_are_recorded_once(world, single_process, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (2, "bf16"), (3, "fp32")])
+def test_steps_redone_after_a_resume_are_recorded_once_and_match(world, single_process,  # noqa: F811
+                                                                  tmp_path, zero_stage, precision):
+    """Resuming from the step-2 checkpoint redoes step 3 exactly (ZeRO 1 is checked through the
+    command line in test_train_resume) and metrics.jsonl keeps one record of it."""
     run_dir = str(tmp_path / "run")
     overrides = common_overrides(run_dir, 3) + stage_overrides(world, "lm") + [
-        "checkpoint.every=2"]
+        "checkpoint.every=2", f"deepspeed.zero_stage={zero_stage}", "deepspeed.grad_accum=2",
+        f"deepspeed.precision={precision}"]
     run(load_config(None, overrides))
     # As if the run had died after logging step 3 but before its checkpoint was saved.
     shutil.rmtree(os.path.join(run_dir, "ckpt", "step-3"))
@@ -62,6 +67,8 @@ def test_steps_redone_after_a_resume_are_recorded_once(world, single_process, tm
     steps = _steps(run_dir)
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert steps[2]["batch_crc"] == first[3]["batch_crc"]  # the redone step, logged once
+    assert steps[2]["loss"] == pytest.approx(first[3]["loss"], abs=1e-5)
+    assert steps[2]["grad_norm"] == pytest.approx(first[3]["grad_norm"], rel=1e-4)
     resume = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
     assert resume[0]["step"] == 2 and resume[0]["dropped_records"] >= 1
 

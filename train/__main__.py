@@ -39,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from train.checkpoint import CheckpointError
     from train.distributed import shutdown_distributed
     from train.recipe import run
 
     try:
         final = run(cfg)
-    except ConfigError as error:  # e.g. a resume whose settings differ from the recorded run
+    except (ConfigError, CheckpointError) as error:  # a resume that cannot be accepted
         print(f"flamingo-train: {error}", file=sys.stderr)
         return 2
     finally:
