@@ -28,7 +28,8 @@ from webdataset.utils import pytorch_worker_info
 
 from data_pipelines.documents import DECODERS, SkipSample
 from data_pipelines.sequence import SequenceBuilder, collate
-from data_pipelines.streams import SourceStream, expand_shards
+from data_pipelines.shard_access import expand_shards, warn_missing
+from data_pipelines.streams import SourceStream
 
 STATE_VERSION = 1
 
@@ -37,9 +38,12 @@ STATE_VERSION = 1
 class SourceConfig:
     """One training source.
 
-    ``kind`` is ``"interleaved"`` or ``"pairs"``; ``shards`` a brace pattern, a list of paths or a
-    directory of ``.tar`` files; ``weight`` its share of samples in the mixture (relative);
-    ``loss_weight`` is passed through for the trainer (batches carry ``source_index``).
+    ``kind`` is ``"interleaved"`` or ``"pairs"``; ``shards`` a local path, brace pattern, glob,
+    directory of ``.tar`` files, or a list of these; ``weight`` its share of samples in the
+    mixture (relative); ``loss_weight`` is passed through for the trainer (batches carry
+    ``source_index``). ``pipe:`` shards (shell commands) are accepted only with
+    ``allow_pipe=True`` and URLs (http, s3, gs, ...) only with ``allow_remote=True``; see
+    ``data_pipelines.shard_access``. Missing local shards in a list are warned about once.
     ``weight_schedule`` lists ``(batch, weight)`` changes: from the stream's ``batch``-th batch
     on (0-based, counted per rank over all its workers) the source has that weight; before the
     first change it has ``weight``. A weight of 0 leaves the source out while it holds.
@@ -50,6 +54,8 @@ class SourceConfig:
     shards: str | list[str]
     weight: float = 1.0
     loss_weight: float = 1.0
+    allow_pipe: bool = False
+    allow_remote: bool = False
     weight_schedule: list[tuple[int, float]] = field(default_factory=list)
     shard_paths: list[str] = field(default_factory=list, repr=False)
 
@@ -67,13 +73,15 @@ class SourceConfig:
         if starts != sorted(set(starts)) or (starts and starts[0] < 1):
             raise ValueError(f"source {self.name!r}: weight_schedule batches must be >= 1 and "
                              f"strictly increasing, got {starts}")
-        self.shard_paths = expand_shards(self.shards)
+        self.shard_paths = expand_shards(self.shards, self.name, self.allow_pipe,
+                                         self.allow_remote)
         if not self.shard_paths:
             raise ValueError(
                 f"source {self.name!r}: no shards found for {self.shards!r}; pass a brace pattern "
-                "like 'dir/docs-{000000..000003}.tar', a list of paths, or a directory of .tar"
+                "like 'dir/docs-{000000..000003}.tar', a glob, a list of paths, or a directory "
+                "of .tar"
             )
-
+        warn_missing(self.shard_paths, self.name)
 
     def weight_at(self, batch: int) -> float:
         """The sampling weight for the stream's ``batch``-th batch (0-based)."""
@@ -103,7 +111,8 @@ class MixtureStream:
         self.worker, self.num_workers = worker, num_workers
         self.batches_done = 0  # batches this stream has yielded; the schedules read it
         self.streams = [
-            SourceStream(s.name, s.shard_paths, seed, stream, shuffle_buffer, resampled)
+            SourceStream(s.name, s.shard_paths, seed, stream, shuffle_buffer, resampled,
+                         s.allow_pipe, s.allow_remote)
             for s in self.sources
         ]
         self.rng = random.Random(f"mixture/{seed}/{rank}/{worker}")

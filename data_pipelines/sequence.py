@@ -91,8 +91,9 @@ def supervision_mask(
 class SequenceBuilder:
     """Tokenise documents into :class:`TokenizedDocument` with the layout of this module.
 
-    ``max_length`` cuts the token sequence; an ``<image>`` left without its text at the cut is
-    dropped, and the image list always matches the ``<image>`` tokens that remain, in order.
+    ``max_length`` cuts the token sequence; every ``<image>`` left without text at the cut is
+    dropped (adjacent images share one chunk), and the image list always matches the
+    ``<image>`` tokens that remain, in order.
     """
 
     def __init__(self, tokenizer, max_length: int, max_images: int | None = None):
@@ -112,9 +113,10 @@ class SequenceBuilder:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if self.eos_token_id is not None and (not ids or ids[-1] != self.eos_token_id):
             ids = ids + [self.eos_token_id]
-        ids = torch.tensor(ids[: self.max_length], dtype=torch.long)
-        if len(ids) and ids[-1] == self.image_token_id:
-            ids = ids[:-1]  # an image whose text was cut away teaches nothing
+        ids = ids[: self.max_length]
+        while ids and ids[-1] == self.image_token_id:
+            ids = ids[:-1]  # images whose text was cut away (one chunk may hold several)
+        ids = torch.tensor(ids, dtype=torch.long)
         n_images = int((ids == self.image_token_id).sum())
         labels = torch.where(
             supervision_mask(ids, self.image_token_id, self.eoc_token_id), ids, IGNORE_INDEX

@@ -112,19 +112,12 @@ class GenerationMixin:
         past = copy.deepcopy(prefix.past_key_values)
         past.batch_repeat_interleave(b)
         mask = torch.cat([prefix.attention_mask.expand(b, -1), attention_mask], dim=1)
-        n0 = 0 if prefix.latents is None else prefix.latents.shape[1]
-        new = self.media_state(input_ids, pixel_values)
-        if n0 == 0:
-            return past, mask, new
-        latents = prefix.latents.expand(b, -1, -1, -1)
-        prefix_kv = {s: tuple(t.expand(b, *t.shape[1:]) for t in kv)
-                     for s, kv in prefix.kv_cache.items()}
-        if new is not None:
-            latents = torch.cat([latents, new.latents], dim=1)
-        layout = MediaLayout.build(input_ids, self.image_token_id, latents.shape[1],
-                                   self.config.media_policy,
-                                   images_before=torch.full((b,), n0, device=input_ids.device))
-        return past, mask, MediaState(latents, layout, {}, prefix_kv=prefix_kv)
+        earlier = None if prefix.latents is None else prefix.latents.expand(b, -1, -1, -1)
+        media = self.media_state(input_ids, pixel_values, earlier_latents=earlier)
+        if earlier is not None:  # the prefix images' K/V are reused, only new ones projected
+            media.prefix_kv = {s: tuple(t.expand(b, *t.shape[1:]) for t in kv)
+                               for s, kv in prefix.kv_cache.items()}
+        return past, mask, media
 
     @torch.no_grad()
     def prefill(
@@ -176,14 +169,21 @@ class GenerationMixin:
         prefix: PrefixState | None = None,
         return_prompt: bool = False,
         seed: int | None = None,
+        early_stopping: bool | str = False,
     ) -> torch.Tensor:
         """Continue left-padded prompts; returns the new token ids ``[B, n_new]``.
 
         Stops a row at ``<|endofchunk|>`` or the LM's EOS (or ``eos_token_id``); finished rows
-        are filled with ``pad_token_id``. ``seed`` makes sampling reproducible.
+        are filled with ``pad_token_id``. ``seed`` makes sampling reproducible. Beam search
+        (``num_beams > 1``) follows transformers: ``length_penalty`` and ``early_stopping``
+        (``True``, ``False`` or ``"never"``) mean what they mean there, with the same defaults.
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
         if num_beams > 1 and do_sample:
             raise ValueError("choose beam search (num_beams > 1) or sampling, not both")
         was_training = self.training
@@ -194,7 +194,8 @@ class GenerationMixin:
             pad = pad_token_id if pad_token_id is not None else self._default_pad()
             state = self._prompt_forward(input_ids, attention_mask, pixel_values, prefix)
             if num_beams > 1:
-                new = self._beam_search(state, num_beams, max_new_tokens, stop, pad, length_penalty)
+                new = self._beam_search(state, num_beams, max_new_tokens, stop, pad,
+                                        length_penalty, early_stopping)
             else:
                 generator = None
                 if seed is not None:
@@ -225,54 +226,88 @@ class GenerationMixin:
             self._step(state, token)
         return torch.stack(out, dim=1)
 
-    def _beam_search(self, state, num_beams, max_new, stop, pad, length_penalty) -> torch.Tensor:
-        b = state.logits.shape[0]
-        state.expand(num_beams)
+    def _beam_search(self, state: _Decoding, num_beams: int, max_new: int, stop: torch.Tensor,
+                     pad: int, length_penalty: float, early_stopping: bool | str) -> torch.Tensor:
+        """Beam search with the semantics of transformers' ``GenerationMixin._beam_search``.
+
+        Each row keeps ``num_beams`` running hypotheses (ranked by summed log-probability) and
+        its ``num_beams`` best finished ones, scored ``sum_logprob / n_new ** length_penalty``
+        where ``n_new`` counts the new tokens including the stop token. Only candidates among the
+        step's top ``num_beams`` may finish. A row takes no more finished hypotheses once it is
+        done: with ``early_stopping=True`` when it holds ``num_beams`` of them, otherwise when
+        its best running hypothesis can no longer beat its worst finished one (at its current
+        length, or at ``max_new`` with ``"never"`` and a positive ``length_penalty``). Every
+        flag is per row, so a row's answer does not depend on the other rows of the batch; the
+        loop ends when every row is done, or at ``max_new`` tokens.
+        """
+        b, k = state.logits.shape[0], num_beams
         device = state.logits.device
-        scores = torch.zeros(b, num_beams, device=device)
-        scores[:, 1:] = float("-inf")  # all beams start identical: keep one
-        tokens = torch.empty(b * num_beams, 0, dtype=torch.long, device=device)
-        finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(b)]
+        state.expand(k)
+        keep = max(2, 1 + stop.numel()) * k  # enough candidates that k of them do not stop
+        may_finish = torch.arange(keep, device=device) < k
+        row_offset = torch.arange(b, device=device)[:, None] * k
+        running = torch.full((b, k, max_new), pad, dtype=torch.long, device=device)
+        running_scores = torch.zeros(b, k, device=device)
+        running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
+        finished, finished_scores = running.clone(), torch.full((b, k), -1e9, device=device)
+        finished_len = torch.zeros(b, k, dtype=torch.long, device=device)
+        is_finished = torch.zeros(b, k, dtype=torch.bool, device=device)
+        may_improve = torch.ones(b, 1, dtype=torch.bool, device=device)
         for step in range(max_new):
             logp = torch.log_softmax(self._suppress(state.logits), dim=-1)
             vocab = logp.shape[-1]
-            cand = (scores.view(-1, 1) + logp).view(b, num_beams * vocab)
-            top_scores, top_idx = cand.topk(2 * num_beams, dim=1)
-            next_scores = torch.full_like(scores, float("-inf"))
-            next_beam = torch.zeros(b, num_beams, dtype=torch.long, device=device)
-            next_token = torch.full((b, num_beams), pad, dtype=torch.long, device=device)
-            for i in range(b):
-                kept = 0
-                for score, idx in zip(top_scores[i].tolist(), top_idx[i].tolist()):
-                    beam, token = divmod(idx, vocab)
-                    seq = torch.cat([tokens[i * num_beams + beam], tokens.new_tensor([token])])
-                    if token in stop.tolist():
-                        if len(finished[i]) < num_beams:
-                            finished[i].append((score / len(seq) ** length_penalty, seq))
-                        continue
-                    next_scores[i, kept], next_beam[i, kept], next_token[i, kept] = score, beam, token
-                    kept += 1
-                    if kept == num_beams:
-                        break
-            rows = (next_beam + torch.arange(b, device=device)[:, None] * num_beams).view(-1)
-            tokens = torch.cat([tokens[rows], next_token.view(-1, 1)], dim=1)
-            scores = next_scores
-            if all(len(f) >= num_beams for f in finished) or step == max_new - 1:
+            cand = (logp.view(b, k, vocab) + running_scores[..., None]).view(b, k * vocab)
+            top_scores, top_idx = cand.topk(keep, dim=1)
+            parent = top_idx // vocab
+            seqs = _take(running, parent)
+            seqs[:, :, step] = top_idx % vocab
+            ends = torch.isin(seqs[:, :, step], stop) | (step == max_new - 1)
+
+            # The best k candidates that do not end keep running.
+            alive_scores = top_scores + ends.float() * -1e9
+            pick = alive_scores.topk(k, dim=1).indices
+            running, running_scores = _take(seqs, pick), _take(alive_scores, pick)
+            beam_rows = (_take(parent, pick) + row_offset).view(-1)
+
+            # Candidates that end now join the finished ones if they are among the best k.
+            scores = top_scores / ((step + 1) ** length_penalty)
+            full = is_finished.all(1, keepdim=True) & (early_stopping is True)
+            scores = scores + full.float() * -1e9
+            scores = scores + (~may_improve).float() * -1e9
+            just_finished = ends & may_finish
+            scores = scores + (~just_finished).float() * -1e9
+            merged = torch.cat([finished_scores, scores], 1)
+            order = merged.topk(k, dim=1).indices
+            finished = _take(torch.cat([finished, seqs], 1), order)
+            finished_scores = _take(merged, order)
+            lengths = torch.full_like(top_idx, step + 1)
+            finished_len = _take(torch.cat([finished_len, lengths], 1), order)
+            is_finished = _take(torch.cat([is_finished, just_finished], 1), order)
+
+            # Can a row's running beams still beat its finished ones?
+            hypothetical = step + 1
+            if early_stopping == "never" and length_penalty > 0:
+                hypothetical = max_new
+            best_running = running_scores[:, :1] / (hypothetical ** length_penalty)
+            worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values,
+                                         -1e9)
+            may_improve = may_improve & (best_running > worst_finished).any(1, keepdim=True)
+            done = ~may_improve.any() | ends.all()
+            if early_stopping is True:
+                done = done | is_finished.all()
+            if bool(done):  # one host sync per step
                 break
-            state.past_key_values.reorder_cache(rows)
-            state.attention_mask = state.attention_mask[rows]
-            self._step(state, next_token.view(-1))
-        for i in range(b):  # unfinished beams compete with finished ones at the end
-            for beam in range(num_beams):
-                if scores[i, beam] > float("-inf"):
-                    seq = tokens[i * num_beams + beam]
-                    finished[i].append((float(scores[i, beam]) / len(seq) ** length_penalty, seq))
-        best = [max(f, key=lambda item: item[0])[1] for f in finished]
-        width = max(len(s) for s in best)
-        out = torch.full((b, width), pad, dtype=torch.long, device=device)
-        for i, seq in enumerate(best):
-            out[i, : len(seq)] = seq
-        return out
+            state.past_key_values.reorder_cache(beam_rows)
+            state.attention_mask = state.attention_mask[beam_rows]
+            self._step(state, running[:, :, step].reshape(-1))
+        return finished[:, 0, : int(finished_len[:, 0].max())]
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[b, index[b, j], ...]``: gather along the beam dimension (dim 1)."""
+    while index.dim() < tensor.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(tensor, index, dim=1)
 
 
 class _Sampler:

@@ -79,3 +79,37 @@ def open_gates(model: FlamingoModel, value: float = 1.0) -> None:
         for name, param in model.named_parameters():
             if name.endswith(("attn_gate", "ff_gate")):
                 param.fill_(value)
+
+
+@torch.no_grad()
+def randomize_all(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give EVERY parameter random values of a trained-like scale (for equivalence tests).
+
+    Several parameters start at zero (tanh gates, media-position and frame embeddings) or at a
+    shared value (new-token rows), which hides bugs that only show once they have trained.
+    Gates get magnitudes in [0.3, 1.2] with random signs; norm scales 1 + N(0, 0.1^2); other
+    vectors (biases) N(0, 0.1^2); latents and media-position/frame embeddings N(0, 1); every
+    other matrix (weights, embedding tables, new-token rows) N(0, 1/width).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seen = set()
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for leaf, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # tied weights: randomise once
+                continue
+            seen.add(id(param))
+            noise = torch.randn(param.shape, generator=gen)
+            if leaf.endswith("gate"):
+                sign = torch.where(torch.rand(param.shape, generator=gen) < 0.5, -1.0, 1.0)
+                value = sign * (0.3 + 0.9 * torch.rand(param.shape, generator=gen))
+            elif is_norm and leaf == "weight":
+                value = 1.0 + 0.1 * noise
+            elif param.dim() == 1:
+                value = 0.1 * noise
+            elif leaf in ("media_pos_embs", "frame_embs", "latents"):
+                value = noise
+            else:
+                value = noise / param.shape[-1] ** 0.5
+            param.copy_(value.to(param.dtype))
+    return model

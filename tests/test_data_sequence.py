@@ -140,6 +140,23 @@ def test_truncation_keeps_images_and_tokens_paired(tok, max_length):
     assert doc.input_ids.tolist() == full.input_ids[: len(doc.input_ids)].tolist()
 
 
+@pytest.mark.parametrize("max_length", range(2, 30))
+def test_truncation_drops_every_image_left_without_text(tok, max_length):
+    """Adjacent images share a chunk: a cut after any of them drops them all."""
+    imgs = [Img(str(i)) for i in range(5)]
+    items = ["intro. ", imgs[0], imgs[1], "two shapes.", imgs[2], imgs[3], imgs[4], "blue"]
+    doc = SequenceBuilder(tok, max_length=max_length)(items)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    ids = doc.input_ids.tolist()
+    assert doc.images == imgs[: ids.count(image_id)]
+    # Every <image> is followed, within the sequence, by a token that is not an image.
+    for i, t in enumerate(ids):
+        if t == image_id:
+            assert any(u != image_id for u in ids[i + 1:]), (max_length, ids)
+    full = SequenceBuilder(tok, max_length=512)(items)
+    assert ids == full.input_ids[: len(ids)].tolist()
+
+
 def test_collate_pads_and_aligns_pixels(tok):
     builder = SequenceBuilder(tok, max_length=64)
     docs = [builder([Img("a"), "a red circle."]),

@@ -10,7 +10,7 @@ from flamingo_kit import FlamingoModel
 from flamingo_kit.cross_attention import MediaLayout, cross_attend
 from flamingo_kit.lm_integration import find_decoder_layers
 from flamingo_kit.tiny import LM_FAMILIES, build_lm
-from tests.conftest import build_model, open_gates
+from tests.conftest import build_model, open_gates, randomize_all
 
 IMG = 300  # <image> id of the test tokenizer / tiny models
 
@@ -196,6 +196,32 @@ def test_save_load_with_lora_and_local_parts(tmp_path):
     assert not (tmp_path / "out" / "lm").exists()  # referenced by path, not copied
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out")  # peft on gpt2's Conv1D layers
+def test_lora_dropout_follows_train_mode_while_the_frozen_lm_stays_in_eval():
+    model = randomize_all(build_model("gpt2", lora={"r": 4, "dropout": 0.5}), 3)  # LoRA B != 0
+    ids = ids_with_images([2, 9])
+    pixels = torch.randn(2, 2, 1, 3, 32, 32)
+    model.train()
+    dropouts = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, torch.nn.Dropout)]
+    lora = [m for n, m in dropouts if "lora_dropout" in n]
+    own = [m for n, m in dropouts if "lora_dropout" not in n]
+    assert lora and own  # gpt2 has its own dropout layers (p=0.1) next to LoRA's
+    assert all(m.training for m in lora) and not any(m.training for m in own)
+    torch.manual_seed(0)
+    a, b = (model(input_ids=ids, pixel_values=pixels).logits for _ in range(2))
+    assert not torch.allclose(a, b)  # LoRA dropout is active in training
+    model.eval()
+    assert not any(m.training for m in lora)
+    with torch.no_grad():
+        a, b = (model(input_ids=ids, pixel_values=pixels).logits for _ in range(2))
+    assert torch.equal(a, b)
+
+    # Without LoRA dropout a training-mode forward is deterministic: the LM's dropout is off.
+    plain = randomize_all(build_model("gpt2", lora={"r": 4}), 3).train()
+    a, b = (plain(input_ids=ids, pixel_values=pixels).logits for _ in range(2))
+    assert torch.equal(a, b)
+
+
 def test_missing_key_is_named(tmp_path):
     model = build_model("llama")
     model.save_pretrained(tmp_path)
@@ -217,6 +243,14 @@ def test_bad_inputs_fail_clearly():
         model(input_ids=ids, pixel_values=torch.randn(2, 1, 1, 3, 32, 32))
     with pytest.raises(ValueError, match="media_policy"):
         build_model("llama", media_policy="nearest")
+    ids = ids_with_images([])
+    ids[1, 4] = -3
+    with pytest.raises(ValueError, match=r"input_ids\[1, 4\] = -3 is not a token id: the LM "
+                                         r"vocabulary is 0\.\.299, the media tokens 300 and 301"):
+        model(input_ids=ids)
+    ids[1, 4] = 302
+    with pytest.raises(ValueError, match=r"input_ids\[1, 4\] = 302 is not a token id"):
+        model(input_ids=ids)
 
 
 @pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])

@@ -16,7 +16,9 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from data_pipelines.loading import SourceConfig, build_loader
+from data_pipelines.shard_access import shard_kind
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
+from flamingo_kit.parts import require_local_dir
 from train import diagnostics
 from train.config import SourceSettings, TrainConfig
 from train.distributed import DistInfo
@@ -38,17 +40,20 @@ def make_loss(loss_weights: list[float]):
 
 
 def under_root(shards, root: str):
-    """Shard spec(s) with relative paths taken relative to ``root``."""
-    if isinstance(shards, str):
-        return os.path.join(root, shards)
-    return [os.path.join(root, path) for path in shards]
+    """Shard spec(s) with relative local paths taken relative to ``root`` (URLs, ``pipe:``
+    commands and ``file:`` URLs are left as they are)."""
+    if not isinstance(shards, str):
+        return [under_root(spec, root) for spec in shards]
+    return os.path.join(root, shards) if shard_kind(shards) == "local" and ":" not in shards \
+        else shards
 
 
 def source_configs(settings: list[SourceSettings], root: str = "", grad_accum: int = 1
                    ) -> list[SourceConfig]:
     """Loader sources; weight schedules turn from optimizer steps into batches."""
     return [SourceConfig(name=s.name, kind=s.kind, shards=under_root(s.shards, root),
-                         weight=s.weight, loss_weight=s.loss_weight,
+                         weight=s.weight, loss_weight=s.loss_weight, allow_pipe=s.allow_pipe,
+                         allow_remote=s.allow_remote,
                          weight_schedule=[(c.step * grad_accum, c.weight)
                                           for c in s.weight_schedule])
             for s in settings]
@@ -96,16 +101,20 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
     if not stage.sources:
         raise ValueError("flamingo.sources is empty; give at least one source "
                          "(name, kind: interleaved|pairs, shards, weight, loss_weight)")
-    tokenizer = AutoTokenizer.from_pretrained(stage.lm)
+    # Local directories only, checked before any loader sees the name: a bare name such as
+    # `gpt2` would otherwise be looked up on a model hub.
+    lm_dir = require_local_dir(stage.lm, "flamingo.lm", "config.json")
+    vision_dir = require_local_dir(stage.vision, "flamingo.vision", "config.json")
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     # The PIL processors work without torchvision; the fast ones do not.
-    image_processor = AutoImageProcessor.from_pretrained(stage.vision, backend="pil")
+    image_processor = AutoImageProcessor.from_pretrained(vision_dir, backend="pil")
     processor = FlamingoProcessor(tokenizer, image_processor, max_images=stage.max_images,
                                   max_length=stage.max_length)
     try:
         model_config = FlamingoConfig.from_dict(dict(stage.model))
     except (TypeError, ValueError) as error:
         raise ValueError(f"flamingo.model: {error}") from None
-    model = FlamingoModel.from_parts(lm=stage.lm, vision=stage.vision, config=model_config,
+    model = FlamingoModel.from_parts(lm=lm_dir, vision=vision_dir, config=model_config,
                                      processor=processor)
     sources = source_configs(stage.sources, stage.data_root, cfg.deepspeed.grad_accum)
     loader = build_loader(
@@ -114,7 +123,7 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
         world_size=dist.world_size, num_workers=stage.num_workers)
 
     def export(module: FlamingoModel, directory: str) -> None:
-        module.save_pretrained(directory)
+        module.save_pretrained(directory, self_contained=True)
         processor.save_pretrained(directory)
 
     return StageParts(model=model, loader=loader, loss=make_loss([s.loss_weight for s in sources]),
