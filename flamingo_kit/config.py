@@ -31,6 +31,9 @@ class FlamingoConfig:
     perceiver_ff_mult: int = 4
     perceiver_max_media: int = 64  # media-position embeddings: images per sequence
     perceiver_max_frames: int = 8  # frame embeddings: frames per image/video
+    # >0: a trainable MLP (this width multiple) on every patch token before the resampler
+    # attends, so features a frozen tower encodes nonlinearly per patch become poolable.
+    perceiver_patch_ff_mult: int = 0
     # Gated cross-attention blocks (query width = LM hidden size).
     xattn_heads: int = 8
     xattn_dim_head: int = 64
@@ -56,6 +59,9 @@ class FlamingoConfig:
                      "perceiver_max_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.perceiver_patch_ff_mult < 0:
+            raise ValueError("perceiver_patch_ff_mult must be >= 0 (0: no patch MLP), got "
+                             f"{self.perceiver_patch_ff_mult}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of every field."""
