@@ -106,6 +106,19 @@ class FlamingoLayer(nn.Module):
         return run(hidden)
 
 
+def lm_body(lm: nn.Module) -> nn.Module:
+    """The causal LM without its head (HF's ``base_model``), which returns the last hidden states.
+
+    ``FlamingoModel`` calls the body and then the head itself, so that it can add the media
+    tokens' logits in plain sight.
+    """
+    body = lm.base_model
+    if body is lm:
+        raise ValueError(f"{type(lm).__name__} has no body module apart from its head "
+                         f"(base_model_prefix {lm.base_model_prefix!r} names no submodule)")
+    return body
+
+
 def num_decoder_layers(lm: nn.Module) -> int:
     """Number of decoder blocks declared by the LM's (text) config."""
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config

@@ -153,7 +153,7 @@ def test_beam_search_equals_transformers(tokenizer, family, early_stopping, leng
     model = build_model(family, processor=tokenizer).eval()
     reference = tiny.build_lm(family, seed=0, vocab_size=300).eval()  # same weights, untouched
     with torch.no_grad():  # <|endofchunk|> out of the vocabulary: the bare LM has no such token
-        model.new_token_head_bias[1] = -1e9
+        model.media_tokens.head.bias[1] = -1e9
     rows = [ids_of(tokenizer, model, [p], bos=True) for p in TEXT_PROMPTS]
     ids, mask = left_pad(rows, pad=3)
     # Frequent tokens of this random LM end hypotheses at different steps.
@@ -183,7 +183,7 @@ def batch_query(tokenizer, model, i: int) -> tuple[list[int], list[int]]:
 def test_beam_search_does_not_depend_on_batch_mates(tokenizer, early_stopping):
     model = randomize_all(build_model("llama", processor=tokenizer), 4).eval()
     with torch.no_grad():  # <|endofchunk|> likely enough that beams end at different steps
-        model.new_token_head_bias[1] = 1.5
+        model.media_tokens.head.bias[1] = 1.5
     queries = [batch_query(tokenizer, model, i) for i in range(8)]
     stop = {model.eoc_token_id, 2}
 

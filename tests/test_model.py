@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from flamingo_kit import FlamingoModel
 from flamingo_kit.cross_attention import MediaLayout, cross_attend
 from flamingo_kit.lm_integration import find_decoder_layers
-from flamingo_kit.tiny import LM_FAMILIES, build_lm
+from flamingo_kit.tiny import LM_FAMILIES, build_lm, build_vision
 from tests.conftest import build_model, open_gates, randomize_all
 
 IMG = 300  # <image> id of the test tokenizer / tiny models
@@ -40,6 +40,43 @@ def test_zero_gates_equal_the_frozen_lm(family):
         a = model(input_ids=ids, pixel_values=images).logits
         b = model(input_ids=ids, pixel_values=torch.randn_like(images)).logits
     assert torch.equal(a, b)
+
+
+def _lm_of(family: str, seed: int = 0, **config):
+    """A tiny LM of a family ``from_scratch.lm_config`` does not cover (eager attention)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lm_config = AutoConfig.for_model(
+        family, vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=128, **config)
+    lm_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(lm_config).eval()
+
+
+def test_soft_capped_lm_keeps_its_own_logits():
+    """Gemma 2 soft-caps its logits in its causal-LM class: ours are capped the same way."""
+    from flamingo_kit import FlamingoConfig
+    from tests.conftest import TINY_FLAMINGO
+
+    cap = 0.05  # far below the logits' scale, so a missing cap shows
+    model = FlamingoModel.from_parts(_lm_of("gemma2", final_logit_softcapping=cap),
+                                     build_vision(), FlamingoConfig(**TINY_FLAMINGO)).eval()
+    bare = _lm_of("gemma2", final_logit_softcapping=cap)
+    text = torch.randint(3, 290, (2, 12))
+    with torch.no_grad():
+        ours = model(input_ids=text).logits
+        ref = bare(input_ids=text).logits
+    assert (ours[..., :300] - ref).abs().max() <= 1e-6
+    assert ours[..., 300:].abs().max() <= cap  # the media tokens' logits are capped too
+
+
+def test_lm_that_rescales_its_logits_is_refused():
+    """Cohere multiplies its logits by ``logit_scale``: refused, naming it, not silently changed."""
+    from flamingo_kit import FlamingoConfig
+
+    with pytest.raises(ValueError, match=r"CohereForCausalLM rescales its logits \(logit_scale="):
+        FlamingoModel.from_parts(_lm_of("cohere"), build_vision(), FlamingoConfig())
 
 
 @pytest.mark.parametrize("policy", ["immediate", "all_previous"])
@@ -177,8 +214,6 @@ def test_save_load_gives_identical_logits(family, tmp_path):
 def test_save_load_with_lora_and_local_parts(tmp_path):
     lm = build_lm("qwen2", vocab_size=300)
     lm.save_pretrained(tmp_path / "lm_src")
-    from flamingo_kit.tiny import build_vision
-
     build_vision("siglip").save_pretrained(tmp_path / "vision_src")
     from flamingo_kit import FlamingoConfig
     from tests.conftest import TINY_FLAMINGO
@@ -256,7 +291,6 @@ def test_bad_inputs_fail_clearly():
 @pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])
 def test_cross_attention_interval(every_n, wrapped):
     from flamingo_kit import FlamingoConfig, FlamingoModel
-    from flamingo_kit.tiny import build_vision
     from tests.conftest import TINY_FLAMINGO
 
     lm = build_lm("llama", vocab_size=300, num_layers=4)

@@ -1,0 +1,132 @@
+"""The two tokens Flamingo adds to a frozen LM: ``<image>`` and ``<|endofchunk|>``.
+
+Like IDEFICS' ``IdeficsDecoupledEmbedding`` and ``IdeficsDecoupledLinear``, the LM's own embedding
+table and head stay untouched (and frozen); :class:`MediaTokens` owns what is new: two trainable
+embedding rows, two trainable head rows and their biases. ``FlamingoModel.forward`` calls it
+twice, in the open: ``media_tokens.embedding(input_ids, lm_table)`` embeds the input, and
+``media_tokens.head(hidden, lm_head)`` turns the LM's last hidden states into logits over the
+LM vocabulary plus the two media tokens.
+
+Reading order: :func:`media_token_ids` (which ids the tokens get), :class:`MediaTokenEmbedding`,
+:class:`MediaTokenHead`, :class:`MediaTokens` (both, built from an LM).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Config fields with which a causal-LM class rescales its head's output in ways this module does
+# not reproduce (Cohere, Granite, MiniCPM3, Falcon-H1, RecurrentGemma, ...): such LMs are refused
+# rather than given logits that differ from the LM's own. ``final_logit_softcapping`` (Gemma 2
+# and later) is reproduced.
+UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "lm_head_multiplier",
+                             "logits_soft_cap", "logits_mup_width_multiplier")
+
+
+def media_token_ids(lm: nn.Module, image_token_id: int | None,
+                    eoc_token_id: int | None) -> tuple[int, int]:
+    """Ids of ``<image>`` and ``<|endofchunk|>``; ``None`` appends them after the LM vocabulary."""
+    vocab = lm.get_input_embeddings().num_embeddings
+    if image_token_id is None:
+        image_token_id = vocab
+    if eoc_token_id is None:
+        eoc_token_id = image_token_id + 1
+    if image_token_id == eoc_token_id:
+        raise ValueError("image_token_id and eoc_token_id must differ")
+    return image_token_id, eoc_token_id
+
+
+class MediaTokenEmbedding(nn.Module):
+    """Token embeddings: the LM's frozen table, except the media tokens, which get their own rows.
+
+    ``weight`` ``[2, D]``: row 0 embeds ``<image>``, row 1 ``<|endofchunk|>``. Both start at the
+    mean of the LM's rows: plausible, not dominant.
+    """
+
+    @torch.no_grad()
+    def __init__(self, table: nn.Embedding, image_token_id: int, eoc_token_id: int):
+        super().__init__()
+        self.image_token_id, self.eoc_token_id = image_token_id, eoc_token_id
+        n, total = table.num_embeddings, None
+        for start in range(0, n, 8192):  # chunked: vocabularies can be large
+            ids = torch.arange(start, min(n, start + 8192), device=table.weight.device)
+            part = table(ids).float().sum(0)
+            total = part if total is None else total + part
+        self.weight = nn.Parameter((total / n).repeat(2, 1))
+
+    def forward(self, input_ids: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
+        """``input_ids`` ``[B, T]`` -> ``[B, T, D]``; an id in neither vocabulary raises, naming it."""
+        is_image = input_ids == self.image_token_id
+        is_new = is_image | (input_ids == self.eoc_token_id)
+        base_ids = input_ids.masked_fill(is_new, 0)
+        bad = (base_ids < 0) | (base_ids >= table.num_embeddings)
+        if bool(bad.any()):
+            where = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"input_ids{list(where)} = {int(input_ids[where])} is not a token id: the LM "
+                f"vocabulary is 0..{table.num_embeddings - 1}, the media tokens "
+                f"{self.image_token_id} and {self.eoc_token_id}")
+        base = table(base_ids)
+        new = self.weight[(~is_image).long()].to(base.dtype)
+        return torch.where(is_new[..., None], new, base)
+
+
+class MediaTokenHead(nn.Module):
+    """Logits: the LM's frozen head for its vocabulary, two own rows for the media tokens.
+
+    ``weight`` ``[2, D]`` and ``bias`` ``[2]`` score ``<image>`` and ``<|endofchunk|>``; they start
+    at the mean of the LM head's rows (and bias). The logits span ``vocab_size`` entries: an LM
+    head with fewer rows than the media ids need is padded with the dtype's minimum. An LM whose
+    causal-LM class soft-caps its logits (``final_logit_softcapping``) gets the same cap here,
+    applied after the media logits are in place, as that class would apply it.
+    """
+
+    @torch.no_grad()
+    def __init__(self, head: nn.Module, token_ids: tuple[int, int], vocab_size: int,
+                 softcap: float | None = None):
+        super().__init__()
+        self.vocab_size, self.softcap = vocab_size, softcap
+        self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
+        self.weight = nn.Parameter(head.weight.float().mean(0).repeat(2, 1))
+        bias = getattr(head, "bias", None)
+        init_bias = bias.float().mean() if bias is not None else torch.tensor(0.0)
+        self.bias = nn.Parameter(init_bias.repeat(2))
+
+    def forward(self, hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """The LM's last hidden states ``[B, T, D]`` -> logits ``[B, T, vocab_size]``."""
+        logits = head(hidden)
+        extra = F.linear(hidden, self.weight.to(hidden.dtype),
+                         self.bias.to(hidden.dtype)).to(logits.dtype)
+        if logits.shape[-1] < self.vocab_size:
+            pad = logits.new_full((*logits.shape[:-1], self.vocab_size - logits.shape[-1]),
+                                  torch.finfo(logits.dtype).min)
+            logits = torch.cat([logits, pad], dim=-1)
+        logits = logits.index_copy(-1, self.token_ids, extra)
+        if self.softcap is not None:  # as Gemma 2's causal-LM class does it
+            logits = logits / self.softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.softcap
+        return logits
+
+
+class MediaTokens(nn.Module):
+    """The media tokens' trainable rows beside a frozen LM: ``embedding`` and ``head``."""
+
+    def __init__(self, lm: nn.Module, image_token_id: int, eoc_token_id: int):
+        super().__init__()
+        config = lm.config.get_text_config()
+        scaled = [name for name in UNSUPPORTED_LOGIT_SCALING
+                  if getattr(config, name, None) not in (None, 1, 1.0)]
+        if scaled:
+            raise ValueError(
+                f"{type(lm).__name__} rescales its logits ({scaled[0]}="
+                f"{getattr(config, scaled[0])}), which flamingo-kit does not reproduce: it "
+                "computes logits as the LM head applied to the LM's last hidden states")
+        table, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+        vocab_size = max(table.num_embeddings, head.weight.shape[0],
+                         image_token_id + 1, eoc_token_id + 1)
+        self.embedding = MediaTokenEmbedding(table, image_token_id, eoc_token_id)
+        self.head = MediaTokenHead(head, (image_token_id, eoc_token_id), vocab_size,
+                                   getattr(config, "final_logit_softcapping", None))
