@@ -1,11 +1,16 @@
 """Gated cross-attention from text tokens to image latents, and which image each token sees.
 
 ``MediaLayout`` is computed once per forward call from the token ids and shared by every
-cross-attention layer. Under ``immediate`` each token attends only to the latents of the most
-recent ``<image>`` at or before it. Tokens are grouped by the image they see and cut into
-fixed-size chunks, so attention runs as one fused ``scaled_dot_product_attention`` over
-``[chunks, heads, chunk, latents]``: the work per token is one image's latents whatever the
-number of images in the sequence, and no dense ``[T, N_images x latents]`` mask is built.
+cross-attention layer. Its constructors are the only places that decide which token sees which
+image: a whole input (``build``, also after a cached prefix), one new token per row after a
+prompt (``for_decoding``), rows repeated for beams (``repeated``). Under ``immediate`` each
+token attends only to the latents of the most recent ``<image>`` at or before it. Tokens are
+grouped by the image they see and cut into fixed-size chunks, so attention runs as one fused
+``scaled_dot_product_attention`` over ``[chunks, heads, chunk, latents]``: the work per token is
+one image's latents whatever the number of images in the sequence, and no dense
+``[T, N_images x latents]`` mask is built.
+
+Reading order: ``ChunkPlan``, ``MediaLayout``, ``cross_attend``, ``GatedCrossAttentionBlock``.
 """
 
 from __future__ import annotations
@@ -89,12 +94,12 @@ class MediaLayout:
         image_token_id: int,
         num_media: int,
         policy: str,
-        images_before: torch.Tensor | None = None,
+        images_before: int = 0,
     ) -> MediaLayout:
-        """Layout for ``input_ids``; ``images_before[b]`` counts row b's images in the cache."""
-        seen = torch.cumsum((input_ids == image_token_id).long(), dim=1)
-        if images_before is not None:
-            seen = seen + images_before.to(seen.device)[:, None]
+        """Layout for ``input_ids``, which continue a cached prefix holding ``images_before``
+        images in every row (0: no prefix); the input's images are the sequence's images
+        ``images_before``, ``images_before + 1``, ... as in the whole prompt."""
+        seen = torch.cumsum((input_ids == image_token_id).long(), dim=1) + images_before
         return cls.from_media_index(seen - 1, num_media, policy)
 
     @classmethod
@@ -104,6 +109,26 @@ class MediaLayout:
             return cls(media_index, num_media, policy, plan=ChunkPlan.build(media_index, num_media))
         media = torch.arange(num_media, device=media_index.device)
         return cls(media_index, num_media, policy, visible=media <= media_index[..., None])
+
+    def for_decoding(self) -> tuple[MediaLayout, torch.Tensor | None]:
+        """The layout of one new token per row after these tokens, and the images it keeps.
+
+        A new token sees what the last token of its row sees. Under ``immediate`` that is at
+        most one image, the row's latest: decoding keeps only its keys/values (``kept[b]``, the
+        image's index in row b; 0 for a row without images) and the returned layout indexes
+        that single image (0, or -1 for a row without images). Under ``all_previous`` every
+        image stays (``kept`` is None).
+        """
+        latest = self.media_index[:, -1:]  # [B, 1] each row's latest image, -1 if none
+        if self.policy != "immediate":
+            return MediaLayout.from_media_index(latest, self.num_media, self.policy), None
+        single = MediaLayout.from_media_index(latest.clamp(max=0), 1, self.policy)
+        return single, latest[:, 0].clamp(min=0)
+
+    def repeated(self, repeats: int) -> MediaLayout:
+        """Each row ``repeats`` times in a row (beams of one prompt see the same images)."""
+        index = self.media_index.repeat_interleave(repeats, 0)
+        return MediaLayout.from_media_index(index, self.num_media, self.policy)
 
 
 def cross_attend(

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from flamingo_kit.cross_attention import MediaLayout
 from flamingo_kit.lm_integration import MediaState, flamingo_layers
 
 
@@ -48,9 +47,7 @@ class _Decoding:
 
 def _repeat_media(media: MediaState, repeats: int) -> MediaState:
     kv = {s: tuple(t.repeat_interleave(repeats, 0) for t in kv) for s, kv in media.kv_cache.items()}
-    index = media.layout.media_index.repeat_interleave(repeats, 0)
-    layout = MediaLayout.from_media_index(index, media.layout.num_media, media.layout.policy)
-    return MediaState(None, layout, kv)
+    return MediaState(None, media.layout.repeated(repeats), kv)
 
 
 class GenerationMixin:
@@ -78,15 +75,13 @@ class GenerationMixin:
         """After the prompt: each row keeps only the keys/values its new tokens will see."""
         if media is None:
             return None
-        counts = media.layout.media_index[:, -1:]  # last image index per row, -1 if none
-        if media.layout.policy != "immediate":
-            layout = MediaLayout.from_media_index(counts, media.layout.num_media, "all_previous")
+        layout, kept = media.layout.for_decoding()
+        if kept is None:
             return MediaState(None, layout, media.kv_cache)
-        rows = torch.arange(counts.shape[0], device=counts.device)
-        latest = counts[:, 0].clamp(min=0)
-        # Under `immediate` a new token sees only the latest image: gather its K/V once.
-        kv = {s: tuple(t[rows, latest].unsqueeze(1) for t in kv) for s, kv in media.kv_cache.items()}
-        return MediaState(None, MediaLayout.from_media_index(counts.clamp(max=0), 1, "immediate"), kv)
+        rows = torch.arange(kept.shape[0], device=kept.device)
+        # Gather the one image's K/V each row keeps, once.
+        kv = {s: tuple(t[rows, kept].unsqueeze(1) for t in kv) for s, kv in media.kv_cache.items()}
+        return MediaState(None, layout, kv)
 
     def _prompt_forward(self, input_ids, attention_mask, pixel_values, prefix) -> _Decoding:
         if attention_mask is None:

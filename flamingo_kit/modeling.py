@@ -245,11 +245,8 @@ class FlamingoModel(GenerationMixin, nn.Module):
                 )
             new = self.encode_images(pixel_values, counts, first_position=n_before)
             latents = new if earlier_latents is None else torch.cat([earlier_latents, new], dim=1)
-        images_before = None
-        if n_before:
-            images_before = torch.full((input_ids.shape[0],), n_before, device=input_ids.device)
         layout = MediaLayout.build(input_ids, self.image_token_id, latents.shape[1],
-                                   self.config.media_policy, images_before=images_before)
+                                   self.config.media_policy, images_before=n_before)
         return MediaState(latents, layout)
 
     def forward(

@@ -126,6 +126,40 @@ def test_attention_inputs_follow_the_media_policy(policy):
     assert after == (policy == "immediate")
 
 
+@pytest.mark.parametrize("policy", ["immediate", "all_previous"])
+def test_decoding_layout_attends_as_the_whole_input_does(policy):
+    """A new token after a prompt attends, through ``for_decoding`` and the K/V it keeps, exactly
+    as it would at the end of the whole input (rows with none, one and several images)."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 290, (3, 12), generator=gen)
+    prompt[1, [2, 7]] = IMG
+    prompt[2, 0] = IMG
+    whole = torch.cat([prompt, torch.full((3, 1), 5)], dim=1)
+    q = torch.randn(3, 13, 2, 8, generator=gen)
+    k, v = torch.randn(3, 2, 2, 4, 8, generator=gen), torch.randn(3, 2, 2, 4, 8, generator=gen)
+    expected = cross_attend(q, k, v, MediaLayout.build(whole, IMG, 2, policy))[:, -1:]
+
+    layout, kept = MediaLayout.build(prompt, IMG, 2, policy).for_decoding()
+    if kept is not None:  # immediate: each row keeps its latest image's keys/values only
+        rows = torch.arange(3)
+        k, v = k[rows, kept].unsqueeze(1), v[rows, kept].unsqueeze(1)
+    got = cross_attend(q[:, -1:], k, v, layout)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert got[0].abs().max() == 0 and got[1:].abs().min() > 0
+
+
+@pytest.mark.parametrize("policy", ["immediate", "all_previous"])
+def test_repeated_layout_is_the_layout_of_repeated_rows(policy):
+    """Beams: ``repeated(k)`` equals the layout built from each row repeated k times."""
+    ids = ids_with_images([2, 9], length=12, batch=2)
+    ids[1, 9] = 7  # the second row holds one image
+    got = MediaLayout.build(ids, IMG, 2, policy).repeated(3)
+    expected = MediaLayout.build(ids.repeat_interleave(3, 0), IMG, 2, policy)
+    assert torch.equal(got.media_index, expected.media_index)
+    q, k, v = torch.randn(6, 12, 2, 8), torch.randn(6, 2, 2, 4, 8), torch.randn(6, 2, 2, 4, 8)
+    assert torch.equal(cross_attend(q, k, v, got), cross_attend(q, k, v, expected))
+
+
 @pytest.mark.parametrize("layout_kind", ["uneven", "balanced"])
 def test_chunked_attention_matches_a_dense_masked_reference(layout_kind):
     torch.manual_seed(0)
