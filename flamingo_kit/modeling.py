@@ -1,8 +1,9 @@
 """FlamingoModel: a frozen decoder LM and vision tower joined by a resampler and cross-attention.
 
-Reading order: ``from_parts`` (assembly), ``forward`` (embed -> encode images -> LM body with
+Reading order: ``from_parts`` (assembly), ``forward`` (encode images -> embed -> LM body with
 media in scope -> logits from the LM head plus the media-token rows), then saving and loading.
-The media tokens' rows live in ``media_tokens.py``; generation lives in ``generation.py``.
+Image encoding and media state live in ``media.py``, the media tokens' rows in
+``media_tokens.py``, decoding (``generate``, ``prefill``) in ``generation.py``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from flamingo_kit.config import FlamingoConfig
-from flamingo_kit.cross_attention import GatedCrossAttentionBlock, MediaLayout
-from flamingo_kit.generation import GenerationMixin, PrefixState
+from flamingo_kit.cross_attention import GatedCrossAttentionBlock
+from flamingo_kit.generation import GenerationMixin
 from flamingo_kit.lm_integration import (
-    MediaState,
     flamingo_layers,
     insert_cross_attention,
     lm_body,
     media_scope,
 )
+from flamingo_kit.media import MediaState, PrefixState, continue_prefix, media_state
 from flamingo_kit.media_tokens import MediaTokens, media_token_ids
 from flamingo_kit.part_records import load_recorded_part, record_part
 from flamingo_kit.parts import VisionEncoder, load_lm, load_vision
@@ -194,61 +195,6 @@ class FlamingoModel(GenerationMixin, nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def encode_images(
-        self, pixel_values: torch.Tensor, counts: torch.Tensor, first_position: int = 0
-    ) -> torch.Tensor:
-        """Latents ``[B, N, L, D]`` of the first ``counts[b]`` images of each row (others 0).
-
-        Image n of a row is the sequence's image ``first_position + n`` (its media-position
-        embedding): ``first_position`` counts the images of a cached prefix before it.
-        """
-        b, n = pixel_values.shape[:2]
-        valid = torch.arange(n, device=counts.device)[None] < counts[:, None]
-        positions = (torch.arange(n, device=counts.device) + first_position).expand(b, n)[valid]
-        patches = self.vision(pixel_values[valid.to(pixel_values.device)])
-        latents = self.perceiver(patches.to(self.perceiver.latents.dtype), positions)
-        out = latents.new_zeros(b, n, *latents.shape[1:])
-        return out.index_put((valid,), latents)
-
-    def media_state(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        earlier_latents: torch.Tensor | None = None,
-    ) -> MediaState | None:
-        """Encode the images of a batch and lay out which token sees which image.
-
-        ``earlier_latents`` ``[B, N0, L, D]`` are the images of a cached prefix that
-        ``input_ids`` continue: the new images are the sequence's images N0, N0+1, ... both for
-        their media-position embeddings and for the layout, exactly as in the whole prompt.
-        """
-        counts = (input_ids == self.image_token_id).sum(1)
-        n_max = int(counts.max()) if counts.numel() else 0
-        n_before = 0 if earlier_latents is None else earlier_latents.shape[1]
-        if n_max == 0 and n_before == 0:
-            return None
-        latents = earlier_latents
-        if n_max:
-            if pixel_values is None:
-                raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
-            if pixel_values.dim() == 5:  # [B, N, C, H, W]: one frame per image
-                pixel_values = pixel_values.unsqueeze(2)
-            if pixel_values.dim() != 6 or pixel_values.shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"pixel_values must be [B, N_images, F, C, H, W] with B={input_ids.shape[0]}, "
-                    f"got {tuple(pixel_values.shape)}"
-                )
-            if pixel_values.shape[1] < n_max:
-                raise ValueError(
-                    f"a row has {n_max} <image> tokens but pixel_values holds only "
-                    f"{pixel_values.shape[1]} images per row"
-                )
-            new = self.encode_images(pixel_values, counts, first_position=n_before)
-            latents = new if earlier_latents is None else torch.cat([earlier_latents, new], dim=1)
-        layout = MediaLayout.build(input_ids, self.image_token_id, latents.shape[1],
-                                   self.config.media_policy, images_before=n_before)
-        return MediaState(latents, layout)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -265,10 +211,11 @@ class FlamingoModel(GenerationMixin, nn.Module):
     ) -> FlamingoOutput:
         """Logits over the LM vocabulary plus the media tokens; loss when ``labels`` given.
 
-        ``media`` (from :meth:`media_state`, or a generation cache) replaces ``pixel_values``.
-        With ``prefix`` (from :meth:`prefill`) each row continues the cached prefix: the logits
-        are those of ``input_ids`` only, and rows may be right-padded (e.g. to score answers);
-        ``labels`` then align with ``input_ids`` and the prefix's last logits score the first.
+        ``media`` (from :func:`~flamingo_kit.media.media_state`, or a generation cache) replaces
+        ``pixel_values``. With ``prefix`` (from :meth:`prefill`) each row continues the cached
+        prefix: the logits are those of ``input_ids`` only, and rows may be right-padded (e.g. to
+        score answers); ``labels`` then align with ``input_ids`` and the prefix's last logits
+        score the first.
         ``logits_to_keep`` means what it means in transformers (``n``: the last n positions; 0:
         all). Other keyword arguments go to the LM's body.
         """
@@ -279,12 +226,12 @@ class FlamingoModel(GenerationMixin, nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             if labels is not None:
                 labels = self._labels_after_prefix(labels, attention_mask)
-            past_key_values, attention_mask, media = self._continue_prefix(
-                prefix, input_ids, attention_mask, pixel_values
+            past_key_values, attention_mask, media = continue_prefix(
+                self, prefix, input_ids, attention_mask, pixel_values
             )
             use_cache = True
-        elif media is None:
-            media = self.media_state(input_ids, pixel_values)
+        elif media is None:  # encode the images: vision tower -> resampler, plus the layout
+            media = media_state(self, input_ids, pixel_values)
         if position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left padding does not shift them.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

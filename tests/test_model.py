@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from flamingo_kit import FlamingoModel
 from flamingo_kit.cross_attention import MediaLayout, cross_attend
 from flamingo_kit.lm_integration import find_decoder_layers
+from flamingo_kit.media import media_state
 from flamingo_kit.tiny import LM_FAMILIES, build_lm, build_vision
 from tests.conftest import build_model, open_gates, randomize_all
 
@@ -101,7 +102,7 @@ def test_text_before_first_image_gets_exactly_zero():
     ids = ids_with_images([5])
     layer = next(layer for layer in find_decoder_layers(model.lm) if hasattr(layer, "xattn"))
     hidden = torch.randn(2, 16, 64)
-    media = model.media_state(ids, torch.randn(2, 1, 1, 3, 32, 32))
+    media = media_state(model, ids, torch.randn(2, 1, 1, 3, 32, 32))
     out = layer.xattn(hidden, media.media_kv(0, layer.xattn), media.layout)
     assert torch.equal(out[:, :5], hidden[:, :5])
     assert not torch.equal(out[:, 5:], hidden[:, 5:])
