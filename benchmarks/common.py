@@ -93,9 +93,9 @@ def build_ours(shape: MatchedShape, seed: int = 0):
     """FlamingoModel: a Llama LM and a CLIP vision tower of ``shape``, all new parts trainable."""
     from transformers import AutoModelForCausalLM
 
-    from flamingo_kit import FlamingoConfig, FlamingoModel, tiny
+    from flamingo_kit import FlamingoConfig, FlamingoModel, from_scratch
 
-    lm_cfg = tiny.lm_config(
+    lm_cfg = from_scratch.lm_config(
         "llama", vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
         num_layers=shape.num_layers, num_heads=shape.num_heads,
         intermediate_size=shape.intermediate_size, max_positions=4096,
@@ -103,7 +103,7 @@ def build_ours(shape: MatchedShape, seed: int = 0):
     lm_cfg.num_key_value_heads = shape.num_heads  # IDEFICS' LM has no grouped-query attention
     seed_everything(seed)
     lm = AutoModelForCausalLM.from_config(lm_cfg).eval()
-    vision = tiny.build_vision(
+    vision = from_scratch.build_vision(
         "clip", seed=seed, image_size=shape.image_size, patch_size=shape.patch_size,
         hidden_size=shape.vision_hidden_size, num_layers=shape.vision_layers,
         num_heads=shape.vision_heads,

@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from data_pipelines.loading import SourceConfig, build_loader  # noqa: E402
 from data_pipelines.synthetic import WorldConfig, synthesize  # noqa: E402
 from data_pipelines.tokenizer import train_tokenizer  # noqa: E402
-from flamingo_kit.tiny import image_processor  # noqa: E402
+from flamingo_kit.from_scratch import image_processor  # noqa: E402
 
 
 def samples_per_second(root: str, tokenizer, processor, workers: int, batches: int,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from eval_fewshot.prompts import Prompt
-from flamingo_kit.parts import lm_context_length
+from flamingo_kit.backbones import lm_context_length
 from flamingo_kit.processing import IMAGE_TOKEN
 
 IMAGE_CACHE_SIZE = 4096
@@ -186,20 +186,6 @@ class FewShotModel:
         token_logp = logp.gather(-1, cont["input_ids"][..., None]).squeeze(-1)
         valid = cont["attention_mask"].float()
         return ((token_logp * valid).sum(1) / valid.sum(1)).tolist()
-
-    @torch.no_grad()
-    def rank_uncached(self, prompt: Prompt, choices: Sequence[str]) -> list[float]:
-        """:meth:`rank` without the prefix cache: the prompt is repeated for every choice."""
-        context, conts = self._choice_ids(prompt.text, choices)
-        rows = [context + c for c in conts]
-        batch = self._collate(rows, [prompt.images] * len(rows), side="right")
-        logp = torch.log_softmax(self.model(**batch).logits.float(), dim=-1)
-        scores = []
-        for b, c in enumerate(conts):
-            positions = torch.arange(len(context) - 1, len(context) - 1 + len(c))
-            targets = torch.tensor(c, device=logp.device)
-            scores.append(float(logp[b, positions, targets].mean()))
-        return scores
 
     # -- image embeddings for RICES ---------------------------------------------------------
 

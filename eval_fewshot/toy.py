@@ -140,7 +140,7 @@ def build_toy_model(out_dir: str, seed: int = 0, image_size: int = 32, hidden_si
 
     from data_pipelines.tokenizer import train_tokenizer
     from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
-    from flamingo_kit.tiny import build_lm, build_vision, image_processor
+    from flamingo_kit.from_scratch import build_lm, build_vision, image_processor
 
     words = [f"{z} {c} {s}" for s in SHAPES for c in COLORS for z in SIZES]
     corpus = words + ["Question: What color is the shape? Short answer: red",

@@ -33,7 +33,7 @@ class ChunkPlan:
 
     tokens: torch.Tensor  # [A] flat indices (b * T + t) of tokens that see an image
     chunk: torch.Tensor  # [A] chunk of each such token
-    slot: torch.Tensor  # [A] position of the token inside its chunk
+    offset: torch.Tensor  # [A] position of the token inside its chunk
     chunk_media: torch.Tensor  # [n_chunks] flat image index (b * N + n) each chunk attends to
     chunk_size: int
     one_chunk_per_image: bool  # chunk i is image i: keys/values are used in place, not copied
@@ -142,12 +142,12 @@ def cross_attend(
         if n_chunks == 0:
             return torch.zeros_like(q)
         q_chunks = q.new_zeros(n_chunks, plan.chunk_size, h, d)
-        q_chunks[plan.chunk, plan.slot] = q.reshape(b * t, h, d)[plan.tokens]
+        q_chunks[plan.chunk, plan.offset] = q.reshape(b * t, h, d)[plan.tokens]
         k_chunks, v_chunks = k.flatten(0, 1), v.flatten(0, 1)
         if not plan.one_chunk_per_image:
             k_chunks, v_chunks = k_chunks[plan.chunk_media], v_chunks[plan.chunk_media]
         out = F.scaled_dot_product_attention(q_chunks.transpose(1, 2), k_chunks, v_chunks)
-        per_token = out.transpose(1, 2)[plan.chunk, plan.slot]
+        per_token = out.transpose(1, 2)[plan.chunk, plan.offset]
         return q.new_zeros(b * t, h, d).index_put((plan.tokens,), per_token).view(b, t, h, d)
     # all_previous: a token's keys are all latents of images 0..media_index (inherently O(N)).
     n, lat = k.shape[1], k.shape[3]

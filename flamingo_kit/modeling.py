@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from flamingo_kit.backbones import VisionEncoder, load_lm, load_vision
 from flamingo_kit.config import FlamingoConfig
 from flamingo_kit.cross_attention import GatedCrossAttentionBlock
 from flamingo_kit.generation import GenerationMixin
@@ -33,7 +34,6 @@ from flamingo_kit.lm_integration import (
 from flamingo_kit.media import MediaState, PrefixState, continue_prefix, media_state
 from flamingo_kit.media_tokens import MediaTokens, media_token_ids
 from flamingo_kit.part_records import load_recorded_part, record_part
-from flamingo_kit.parts import VisionEncoder, load_lm, load_vision
 from flamingo_kit.perceiver import PerceiverResampler
 
 CONFIG_NAME = "config.json"

@@ -7,8 +7,8 @@ import os
 import torch
 from PIL import Image
 
+from flamingo_kit.backbones import lm_context_length
 from flamingo_kit.modeling import FlamingoModel
-from flamingo_kit.parts import lm_context_length
 from flamingo_kit.processing import FlamingoProcessor
 
 

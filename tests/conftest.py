@@ -18,7 +18,7 @@ from flamingo_kit import (  # noqa: E402
     FlamingoConfig,
     FlamingoModel,
     FlamingoProcessor,
-    tiny,  # noqa: E402
+    from_scratch,  # noqa: E402
 )
 
 CORPUS = [
@@ -50,7 +50,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def image_processor():
-    return tiny.image_processor(32)
+    return from_scratch.image_processor(32)
 
 
 @pytest.fixture
@@ -66,8 +66,8 @@ def random_image(seed: int, size: int = 32) -> Image.Image:
 
 def build_model(family: str = "llama", processor=None, seed: int = 0, **overrides) -> FlamingoModel:
     """A tiny Flamingo model whose LM vocabulary matches the test tokenizer (300)."""
-    lm = tiny.build_lm(family, seed=seed, vocab_size=300)
-    vision = tiny.build_vision("clip", seed=seed)
+    lm = from_scratch.build_lm(family, seed=seed, vocab_size=300)
+    vision = from_scratch.build_vision("clip", seed=seed)
     torch.manual_seed(seed)
     config = FlamingoConfig(**{**TINY_FLAMINGO, **overrides})
     return FlamingoModel.from_parts(lm, vision, config, processor=processor)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flamingo_kit import tiny
+from flamingo_kit import from_scratch
 from tests.conftest import build_model, randomize_all
 
 IMG = object()  # marks an <image> in a list of prompt segments
@@ -151,7 +151,7 @@ TEXT_PROMPTS = [
 def test_beam_search_equals_transformers(tokenizer, family, early_stopping, length_penalty):
     """Gates closed, text only: our beam search must give the bare LM's HF beam search output."""
     model = build_model(family, processor=tokenizer).eval()
-    reference = tiny.build_lm(family, seed=0, vocab_size=300).eval()  # same weights, untouched
+    reference = from_scratch.build_lm(family, seed=0, vocab_size=300).eval()  # same weights, untouched
     with torch.no_grad():  # <|endofchunk|> out of the vocabulary: the bare LM has no such token
         model.media_tokens.head.bias[1] = -1e9
     rows = [ids_of(tokenizer, model, [p], bos=True) for p in TEXT_PROMPTS]

@@ -8,9 +8,9 @@ from safetensors.torch import load_file, save_file
 
 from flamingo_kit import FlamingoModel
 from flamingo_kit.cross_attention import MediaLayout, cross_attend
+from flamingo_kit.from_scratch import LM_FAMILIES, build_lm, build_vision
 from flamingo_kit.lm_integration import find_decoder_layers
 from flamingo_kit.media import media_state
-from flamingo_kit.tiny import LM_FAMILIES, build_lm, build_vision
 from tests.conftest import build_model, open_gates, randomize_all
 
 IMG = 300  # <image> id of the test tokenizer / tiny models
@@ -365,7 +365,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_vision_tower_from_a_full_two_tower_checkpoint(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
-    from flamingo_kit.parts import load_vision
+    from flamingo_kit.backbones import load_vision
 
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     config = CLIPConfig(text_config={**small, "vocab_size": 100},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoPipeline, FlamingoProcessor
-from flamingo_kit.tiny import build_lm, build_vision
+from flamingo_kit.from_scratch import build_lm, build_vision
 from tests.conftest import TINY_FLAMINGO, build_model, open_gates, random_image
 
 

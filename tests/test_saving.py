@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
+from flamingo_kit.from_scratch import build_lm, build_vision
 from flamingo_kit.part_records import PartMismatchError
-from flamingo_kit.tiny import build_lm, build_vision
 from tests.conftest import TINY_FLAMINGO, open_gates, random_image, randomize_all
 
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from data_pipelines.shards import interleaved_sample, png_bytes, write_shards
 from data_pipelines.tokenizer import train_tokenizer
-from flamingo_kit import tiny
+from flamingo_kit import from_scratch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),
@@ -85,13 +85,13 @@ def build_world(root: str) -> dict[str, str]:
     tokenizer_dir = os.path.join(root, "tokenizer")
     tokenizer.save_pretrained(tokenizer_dir)
     lm_dir = os.path.join(root, "lm")
-    tiny.build_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=2,
+    from_scratch.build_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=2,
                   num_heads=2).save_pretrained(lm_dir)
     tokenizer.save_pretrained(lm_dir)
     vision_dir = os.path.join(root, "vision")
-    tiny.build_vision("clip", image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_layers=1,
+    from_scratch.build_vision("clip", image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_layers=1,
                       num_heads=2).save_pretrained(vision_dir)
-    tiny.image_processor(IMAGE_SIZE).save_pretrained(vision_dir)
+    from_scratch.image_processor(IMAGE_SIZE).save_pretrained(vision_dir)
     return {"root": root, "corpus": corpus, "tokenizer": tokenizer_dir, "lm": lm_dir,
             "vision": vision_dir, "pairs": write_pairs(os.path.join(root, "pairs")),
             "docs": write_docs(os.path.join(root, "docs"))}

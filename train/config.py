@@ -74,7 +74,7 @@ class LoggingSettings:
 
 @dataclass
 class LMShape:
-    """Knobs of ``flamingo_kit.tiny.lm_config`` (any family it knows)."""
+    """Knobs of ``flamingo_kit.from_scratch.lm_config`` (any family it knows)."""
 
     family: str = "llama"
     hidden_size: int = 64
@@ -100,7 +100,7 @@ class LMStage:
 
 @dataclass
 class VisionShape:
-    """Knobs of ``flamingo_kit.tiny.vision_config`` (``kind`` is clip or siglip)."""
+    """Knobs of ``flamingo_kit.from_scratch.vision_config`` (``kind`` is clip or siglip)."""
 
     kind: str = "clip"
     image_size: int = 32

@@ -1,10 +1,13 @@
-"""Load the frozen parts (LM and vision tower) from modules or local directories, safely.
+"""The frozen backbones, LM and vision tower: load them from modules or local directories, safely.
 
 In memory a part's source is ``{"path": dir}`` (loaded from a local directory) or
 ``{"config": {...}}`` (a module built from a config). Loading never executes code: no remote
 code, no hub look-ups, ``weights_only`` for ``.bin`` files, and safetensors only where asked
 (parts written inside a saved directory). What ``save_pretrained`` records about a part, and how
 ``from_pretrained`` finds and verifies it, is in :mod:`flamingo_kit.part_records`.
+
+Reading order: ``load_lm``, ``load_vision``, ``VisionEncoder`` (the tower inside the model:
+images -> patch tokens).
 """
 
 from __future__ import annotations

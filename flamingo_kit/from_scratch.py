@@ -1,8 +1,10 @@
-"""Small model configurations for tests, benchmarks and the synthetic-world recipes.
+"""LMs and vision towers built from a config, with random weights: parts trained from scratch.
 
-Real checkpoints cannot be downloaded offline, so every part of the toolkit can be exercised on
-randomly initialised towers built from these configs. ``lm_config`` speaks one vocabulary of
-size/depth knobs across LM families so the same test runs on all of them.
+The training stages build their text-only LM (stage a) and contrastive vision tower (stage b)
+from these configs, since no pretrained weights can be downloaded offline; tests and benchmarks
+build their small towers with the same functions, so every part of the toolkit can be exercised
+without a checkpoint. ``lm_config`` speaks one vocabulary of size/depth knobs across LM
+families, so the same test runs on all of them.
 """
 
 from __future__ import annotations
