@@ -43,6 +43,16 @@ def test_zero_gates_equal_the_frozen_lm(family):
     assert torch.equal(a, b)
 
 
+def test_no_module_carries_a_hook():
+    """Nothing runs behind the LM's back: no module of the model holds a forward hook, and
+    calling the LM on its own gives its own logits (the media tokens live in ``forward``)."""
+    model = build_model("gpt2", lora={"r": 4})
+    assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+    text = torch.randint(3, 290, (1, 8))
+    with torch.no_grad():
+        assert model.lm(input_ids=text).logits.shape[-1] == 300
+
+
 def _lm_of(family: str, seed: int = 0, **config):
     """A tiny LM of a family ``from_scratch.lm_config`` does not cover (eager attention)."""
     from transformers import AutoConfig, AutoModelForCausalLM
