@@ -140,6 +140,11 @@ class _Decoding:
         if self.media is not None:
             self.media = self.media.repeated(repeats)
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the rows ``rows`` in that order (beam search's surviving beams)."""
+        self.past_key_values.reorder_cache(rows)
+        self.attention_mask = self.attention_mask[rows]
+
     def step(self, model, tokens: torch.Tensor) -> None:
         """Feed one new token per row; updates caches and next-token logits in place."""
         self.attention_mask = torch.cat(
@@ -266,8 +271,7 @@ def _beam_search(model, state: _Decoding, num_beams: int, max_new: int, stop: to
             done = done | is_finished.all()
         if bool(done):  # one host sync per step
             break
-        state.past_key_values.reorder_cache(beam_rows)
-        state.attention_mask = state.attention_mask[beam_rows]
+        state.reorder(beam_rows)
         state.step(model, running[:, :, step].reshape(-1))
     return finished[:, 0, : int(finished_len[:, 0].max())]
 

@@ -85,8 +85,7 @@ class FlamingoModel(GenerationMixin, nn.Module):
         lm_dim = lm.config.get_text_config().hidden_size
         if config.lora:
             lm = _inject_lora(lm, config.lora)
-        # Trainable rows of <image> and <|endofchunk|> (input embeddings and head), initialised
-        # from the LM's (with LoRA in place, as the LM will be called).
+        # The trainable rows of <image> and <|endofchunk|> (embedding and head) beside the LM's.
         self.media_tokens = MediaTokens(lm, self.image_token_id, self.eoc_token_id)
         self.vision = VisionEncoder(vision)
         self.lm = lm
