@@ -70,15 +70,17 @@ class FlamingoModel(GenerationMixin, nn.Module):
     def __init__(self, lm: nn.Module, vision: nn.Module, config: FlamingoConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(vision)
+        self.vision = VisionEncoder(vision, config.vision_features, config.vision_drop_cls)
         lm_dim = lm.config.get_text_config().hidden_size
+        # Width of the latents that cross-attention reads keys/values from.
+        media_dim = lm_dim if config.perceiver_output_proj else self.vision.hidden_size
         self._init_media_token_ids(lm, config)
         if config.lora:
             lm = _inject_lora(lm, config.lora)
         self.lm = lm
         self.perceiver = PerceiverResampler(
             dim=self.vision.hidden_size,
-            out_dim=lm_dim,
+            out_dim=lm_dim if config.perceiver_output_proj else None,
             num_latents=config.perceiver_num_latents,
             depth=config.perceiver_depth,
             heads=config.perceiver_heads,
@@ -90,7 +92,8 @@ class FlamingoModel(GenerationMixin, nn.Module):
         insert_cross_attention(
             lm,
             lambda: GatedCrossAttentionBlock(
-                lm_dim, lm_dim, config.xattn_heads, config.xattn_dim_head, config.xattn_ff_mult
+                lm_dim, media_dim, config.xattn_heads, config.xattn_dim_head,
+                config.xattn_ff_mult, ff_all_tokens=config.xattn_ff_all_tokens,
             ),
             config.cross_attn_every_n_layers,
         )
