@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from eval_fewshot.prompts import Prompt
+from flamingo_kit.parts import lm_context_length
 from flamingo_kit.processing import IMAGE_TOKEN
 
 IMAGE_CACHE_SIZE = 4096
@@ -221,9 +222,4 @@ class FewShotModel:
 
 def lm_max_positions(model) -> int | None:
     """The LM's maximum sequence length from its config, when it declares one."""
-    config = model.lm.config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return lm_context_length(model.lm.config)

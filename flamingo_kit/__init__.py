@@ -3,6 +3,7 @@
 from flamingo_kit.config import FlamingoConfig
 from flamingo_kit.generation import PrefixState
 from flamingo_kit.modeling import FlamingoModel, FlamingoOutput
+from flamingo_kit.part_records import PartMismatchError
 from flamingo_kit.pipeline import FlamingoPipeline
 from flamingo_kit.processing import EOC_TOKEN, IMAGE_TOKEN, FlamingoProcessor
 
@@ -14,5 +15,6 @@ __all__ = [
     "FlamingoOutput",
     "FlamingoPipeline",
     "FlamingoProcessor",
+    "PartMismatchError",
     "PrefixState",
 ]

@@ -19,9 +19,11 @@ class FlamingoConfig:
     ``vision_drop_cls``, ``perceiver_output_proj=False``, ``perceiver_max_media=0``,
     ``perceiver_max_frames=0``, ``xattn_ff_all_tokens``; see ``flamingo_kit.convert``).
 
-    ``lm_source`` / ``vision_source`` record how to rebuild the frozen parts:
+    ``lm_source`` / ``vision_source`` say where the frozen parts come from: in memory
     ``{"path": dir}`` for a local checkpoint or ``{"config": {...}}`` for a tower built from a
-    config. ``from_parts`` fills them in; users rarely set them by hand.
+    config; in a saved ``config.json`` a verified record (path relative to the directory plus a
+    fingerprint, see :mod:`flamingo_kit.part_records`). ``from_parts`` and ``save_pretrained`` fill
+    them in; users do not set them by hand.
     """
 
     # Where cross-attention goes and what each text token may see.

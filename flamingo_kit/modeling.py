@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
@@ -23,11 +25,11 @@ from flamingo_kit.cross_attention import GatedCrossAttentionBlock, MediaLayout
 from flamingo_kit.generation import GenerationMixin, PrefixState
 from flamingo_kit.lm_integration import (
     MediaState,
-    bare_lm_state_dict,
     flamingo_layers,
     insert_cross_attention,
     media_scope,
 )
+from flamingo_kit.part_records import load_recorded_part, record_part
 from flamingo_kit.parts import VisionEncoder, load_lm, load_vision
 from flamingo_kit.perceiver import PerceiverResampler
 
@@ -36,7 +38,8 @@ _CALLING_MODEL: ContextVar[nn.Module | None] = ContextVar("flamingo_model", defa
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+# 2: frozen parts recorded with fingerprints, relative paths (1: absolute paths only).
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -224,9 +227,15 @@ class FlamingoModel(GenerationMixin, nn.Module):
         embed = self.lm.get_input_embeddings()
         is_image = input_ids == self.image_token_id
         is_new = is_image | (input_ids == self.eoc_token_id)
-        if bool((input_ids[~is_new] >= embed.num_embeddings).any()):
-            raise ValueError(f"input_ids hold ids >= the LM vocabulary ({embed.num_embeddings})")
-        base = embed(input_ids.masked_fill(is_new, 0))
+        base_ids = input_ids.masked_fill(is_new, 0)
+        bad = (base_ids < 0) | (base_ids >= embed.num_embeddings)
+        if bool(bad.any()):
+            where = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"input_ids{list(where)} = {int(input_ids[where])} is not a token id: the LM "
+                f"vocabulary is 0..{embed.num_embeddings - 1}, the media tokens "
+                f"{self.image_token_id} and {self.eoc_token_id}")
+        base = embed(base_ids)
         new = self.new_token_embeddings[(~is_image).long()].to(base.dtype)
         return torch.where(is_new[..., None], new, base)
 
@@ -387,21 +396,21 @@ class FlamingoModel(GenerationMixin, nn.Module):
 
         return [k for k in self.state_dict() if saved(k)]
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (trainable weights).
+    def save_pretrained(self, directory: str | os.PathLike, self_contained: bool = False) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (the trainable weights).
 
-        Frozen parts built from a config (no checkpoint to point at) are written beside them in
-        ``lm/`` and ``vision/`` so the directory reloads on its own.
+        ``config.json`` records each frozen part (LM, vision tower) with a fingerprint that
+        :meth:`from_pretrained` verifies and its path relative to ``directory``. With
+        ``self_contained=True`` the parts are written beside the model (``lm/`` without our
+        wrappers and adapters, ``vision/``; plain HF checkpoints in safetensors), so the directory
+        can be moved or copied to another machine and loads on its own. Parts built from a
+        config (no directory to point at) are always written.
         """
+        directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         config = FlamingoConfig.from_dict(self.config.to_dict())
-        if "path" not in config.lm_source:
-            self.lm.save_pretrained(os.path.join(directory, "lm"),
-                                    state_dict=bare_lm_state_dict(self.lm))
-            config.lm_source = {"path": "lm"}
-        if "path" not in config.vision_source:
-            self.vision.tower.save_pretrained(os.path.join(directory, "vision"))
-            config.vision_source = {"path": "vision"}
+        config.lm_source = self._part_record("lm", directory, self_contained)
+        config.vision_source = self._part_record("vision", directory, self_contained)
         state = self.state_dict()
         tensors = {k: state[k].detach().cpu().contiguous().clone() for k in self._saved_keys()}
         save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -409,25 +418,50 @@ class FlamingoModel(GenerationMixin, nn.Module):
             json.dump({"model_type": "flamingo_kit", "format_version": FORMAT_VERSION,
                        **config.to_dict()}, f, indent=2)
 
+    def _part_record(self, kind: str, directory: str, self_contained: bool) -> dict[str, Any]:
+        """The config.json record of frozen part ``kind`` ("lm" or "vision")."""
+        if kind == "lm":
+            part, source, trained = self.lm, self.config.lm_source, not self.config.freeze_lm
+        else:
+            part, source = self.vision.tower, self.config.vision_source
+            trained = not self.config.freeze_vision
+        return record_part(kind, part, source, trained, directory, self_contained)
+
     @classmethod
     def from_pretrained(
         cls,
         directory: str | os.PathLike,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        lm: nn.Module | str | os.PathLike | None = None,
+        vision: nn.Module | str | os.PathLike | None = None,
+        allow_different_parts: bool = False,
     ) -> FlamingoModel:
-        """Rebuild from ``save_pretrained`` output; every saved key must match exactly."""
+        """Rebuild from ``save_pretrained`` output; every saved key must match exactly.
+
+        The frozen parts load from the paths ``config.json`` records (relative to ``directory``
+        first, then where they were when saved), or from ``lm=`` / ``vision=`` (a local
+        directory or a module). Each is checked against its recorded fingerprint (weights and
+        config); a mismatch raises :class:`~flamingo_kit.part_records.PartMismatchError` naming the
+        part, unless ``allow_different_parts=True`` (a deliberate swap; then it warns). Parts
+        load in their recorded dtype (the fingerprint is of those bytes); ``dtype`` then casts
+        the whole model. Directories of format_version 1 (no fingerprints) load with a warning.
+        Nothing read here can execute code: JSON, safetensors, and HF loads without remote code.
+        """
         directory = os.fspath(directory)
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            data = json.load(f)
-        if data.pop("model_type", None) != "flamingo_kit":
-            raise ValueError(f"{directory}/{CONFIG_NAME} is not a flamingo_kit config")
-        data.pop("format_version", None)
-        config = FlamingoConfig.from_dict(data)
-        lm, _ = load_lm(_resolve(config.lm_source, directory), dtype)
-        vision, _ = load_vision(_resolve(config.vision_source, directory), dtype)
+        config, version = _read_config(directory)
+        verify = version >= 2
+        if not verify:
+            warnings.warn(
+                f"{directory} was saved with format_version {version}, which records no "
+                "fingerprints: its LM and vision tower are loaded without verification. Load "
+                "it once and save_pretrained it again to record them.", stacklevel=2)
+        lm, config.lm_source = load_recorded_part(
+            "lm", config.lm_source, directory, lm, verify, allow_different_parts)
+        vision, config.vision_source = load_recorded_part(
+            "vision", config.vision_source, directory, vision, verify, allow_different_parts)
         model = cls(lm, vision, config)
-        model.load_trainable_state(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        model.load_trainable_state(_read_weights(os.path.join(directory, WEIGHTS_NAME)))
         if dtype is not None:
             model.to(dtype)
         return model.to(device) if device is not None else model
@@ -451,10 +485,31 @@ class FlamingoModel(GenerationMixin, nn.Module):
                 state[key].copy_(value)
 
 
-def _resolve(source: dict[str, Any], directory: str) -> dict[str, Any]:
-    if "path" in source and not os.path.isabs(source["path"]):
-        return {"path": os.path.join(directory, source["path"])}
-    return source
+def _read_config(directory: str) -> tuple[FlamingoConfig, int]:
+    """The FlamingoConfig and format version of a saved directory, with clear errors."""
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON file ({error})") from None
+    if not isinstance(data, dict) or data.pop("model_type", None) != "flamingo_kit":
+        raise ValueError(f"{path} is not a flamingo_kit config")
+    version = data.pop("format_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version} is newer than this flamingo-kit "
+                         f"reads ({FORMAT_VERSION}); upgrade flamingo-kit")
+    return FlamingoConfig.from_dict(data), version
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged file is named in the error."""
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
 
 
 def _inject_lora(lm: nn.Module, options: dict[str, Any]) -> nn.Module:

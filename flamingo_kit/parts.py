@@ -1,16 +1,22 @@
-"""Load or rebuild the frozen parts (LM and vision tower) and describe how to rebuild them.
+"""Load the frozen parts (LM and vision tower) from modules or local directories, safely.
 
-A part passed as a module built from a config has no checkpoint to point at; its recipe is
-``{"config": {...}}`` and ``save_pretrained`` writes its weights next to the model. A part
-loaded from a local directory is recorded as ``{"path": dir}``.
+In memory a part's source is ``{"path": dir}`` (loaded from a local directory) or
+``{"config": {...}}`` (a module built from a config). Loading never executes code: no remote
+code, no hub look-ups, ``weights_only`` for ``.bin`` files, and safetensors only where asked
+(parts written inside a saved directory). What ``save_pretrained`` records about a part, and how
+``from_pretrained`` finds and verifies it, is in :mod:`flamingo_kit.part_records`.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import pickle
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -20,6 +26,8 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from flamingo_kit.lm_integration import FlamingoLayer
 
 
 def _source_of(model: PreTrainedModel) -> dict[str, Any]:
@@ -34,21 +42,36 @@ def _config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+def _safe_load_kwargs(safetensors_only: bool) -> dict[str, Any]:
+    """Keyword arguments for HF ``from_pretrained`` that keep loading local and code-free."""
+    return {"local_files_only": True, "weights_only": True,
+            "use_safetensors": True if safetensors_only else None}
+
+
 def load_lm(
-    lm: nn.Module | str | os.PathLike | dict, dtype: torch.dtype | None = None
+    lm: nn.Module | str | os.PathLike | dict,
+    dtype: torch.dtype | None = None,
+    safetensors_only: bool = False,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """A causal LM from a module, a local directory or a recipe; plus its recipe."""
+    """A causal LM from a module, a local directory or a source; plus its source.
+
+    ``safetensors_only`` refuses ``.bin`` weights (used for parts a saved directory holds).
+    """
     if isinstance(lm, dict):
         if "path" in lm:
-            return load_lm(lm["path"], dtype)
+            return load_lm(lm["path"], dtype, safetensors_only)
         model = AutoModelForCausalLM.from_config(_config_from_dict(lm["config"]))
         return (model.to(dtype) if dtype else model), dict(lm)
     if isinstance(lm, (str, os.PathLike)):
         path = _require_dir(lm, "lm")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = _load_checked("lm", path, lambda: AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=False, **_safe_load_kwargs(safetensors_only)))
         return model, {"path": os.path.abspath(path)}
     if not isinstance(lm, PreTrainedModel) or not hasattr(lm, "get_output_embeddings"):
         raise TypeError(f"lm must be a Hugging Face causal LM or a local path, got {type(lm)}")
+    if any(isinstance(m, FlamingoLayer) for m in lm.modules()):
+        raise ValueError("lm already carries cross-attention (it is part of a FlamingoModel); "
+                         "pass the bare LM")
     return lm, _source_of(lm)
 
 
@@ -62,22 +85,26 @@ def _vision_class(config: PretrainedConfig):
 
 
 def load_vision(
-    vision: nn.Module | str | os.PathLike | dict, dtype: torch.dtype | None = None
+    vision: nn.Module | str | os.PathLike | dict,
+    dtype: torch.dtype | None = None,
+    safetensors_only: bool = False,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """A vision tower (e.g. CLIPVisionModel, SiglipVisionModel) and its recipe.
+    """A vision tower (e.g. CLIPVisionModel, SiglipVisionModel) and its source.
 
     A directory holding a full two-tower checkpoint (CLIP, SigLIP) yields its vision tower.
     """
     if isinstance(vision, dict):
         if "path" in vision:
-            return load_vision(vision["path"], dtype)
+            return load_vision(vision["path"], dtype, safetensors_only)
         config = _config_from_dict(vision["config"])
         model = AutoModel.from_config(config)
         return (model.to(dtype) if dtype else model), dict(vision)
     if isinstance(vision, (str, os.PathLike)):
         path = _require_dir(vision, "vision")
-        cls = _vision_class(AutoConfig.from_pretrained(path))
-        return cls.from_pretrained(path, dtype=dtype), {"path": os.path.abspath(path)}
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = _load_checked("vision", path, lambda: _vision_class(config).from_pretrained(
+            path, dtype=dtype, **_safe_load_kwargs(safetensors_only)))
+        return model, {"path": os.path.abspath(path)}
     if not isinstance(vision, PreTrainedModel):
         raise TypeError(f"vision must be a Hugging Face vision model or a local path, got {type(vision)}")
     return vision, _source_of(vision)
@@ -90,7 +117,46 @@ def _require_dir(path: str | os.PathLike, what: str) -> str:
             f"{what}: {path!r} is not a local directory (weights cannot be downloaded here; "
             "pass a directory written by save_pretrained)"
         )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{what}: {path!r} has no config.json; pass a directory written "
+                                "by save_pretrained")
     return path
+
+
+def _load_checked(what: str, path: str, load: Callable[[], PreTrainedModel]) -> PreTrainedModel:
+    """Run an HF load; unreadable or code-carrying weight files become errors that name them."""
+    try:
+        return load()
+    except pickle.UnpicklingError:
+        files = ", ".join(sorted(glob.glob(os.path.join(path, "*.bin")))) or path
+        raise ValueError(
+            f"{what}: {files} holds objects other than tensors; they were not unpickled (loading "
+            "never runs code from a file). Convert the weights to safetensors where you trust them."
+        ) from None
+    except SafetensorError as error:
+        raise ValueError(f"{what}: {_unreadable_safetensors(path)} is not a readable safetensors "
+                         f"file ({error})") from None
+
+
+def _unreadable_safetensors(path: str) -> str:
+    """The first safetensors file in ``path`` whose header does not parse (else ``path``)."""
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError:
+            return file
+    return path
+
+
+def lm_context_length(config: PretrainedConfig) -> int | None:
+    """The LM's maximum sequence length from its (text) config, when it declares one."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 class VisionEncoder(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from flamingo_kit.modeling import FlamingoModel
+from flamingo_kit.parts import lm_context_length
 from flamingo_kit.processing import FlamingoProcessor
 
 
@@ -22,6 +23,9 @@ class FlamingoPipeline:
 
     ``pipe([img1, "An image of two cats.<|endofchunk|>", img2, "An image of"])`` returns the
     completion; a list of such prompts returns a list, generated in batches of ``batch_size``.
+
+    A prompt and its completion must fit the LM's context: a longer prompt loses its earliest
+    demonstrations (with a warning), never its query; a query that does not fit raises.
     """
 
     def __init__(
@@ -51,12 +55,27 @@ class FlamingoPipeline:
         """Complete each prompt; keyword arguments go to ``FlamingoModel.generate``."""
         single = _is_single_prompt(prompts)
         batch_prompts = [prompts] if single else list(prompts)
+        max_length = self.max_prompt_length(generate_kwargs.get("max_new_tokens", 20))
         results: list[str] = []
         for start in range(0, len(batch_prompts), batch_size):
-            batch = self.processor(batch_prompts[start : start + batch_size], padding_side="left")
+            batch = self.processor(batch_prompts[start : start + batch_size], padding_side="left",
+                                   max_length=max_length, truncation="demonstrations")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
             new_tokens = self.model.generate(**batch, **generate_kwargs)
             results += self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return results[0] if single else results
+
+    def max_prompt_length(self, max_new_tokens: int) -> int | None:
+        """Tokens a prompt may have: the LM's context less the completion (and the processor's
+        own limit, if lower); None when neither is known."""
+        limits = [self.processor.max_length]
+        context = lm_context_length(self.model.lm.config)
+        if context is not None:
+            if max_new_tokens >= context:
+                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                                 f"the LM's context of {context} tokens")
+            limits.append(context - max_new_tokens)
+        limits = [n for n in limits if n is not None]
+        return min(limits) if limits else None

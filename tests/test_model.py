@@ -243,6 +243,14 @@ def test_bad_inputs_fail_clearly():
         model(input_ids=ids, pixel_values=torch.randn(2, 1, 1, 3, 32, 32))
     with pytest.raises(ValueError, match="media_policy"):
         build_model("llama", media_policy="nearest")
+    ids = ids_with_images([])
+    ids[1, 4] = -3
+    with pytest.raises(ValueError, match=r"input_ids\[1, 4\] = -3 is not a token id: the LM "
+                                         r"vocabulary is 0\.\.299, the media tokens 300 and 301"):
+        model(input_ids=ids)
+    ids[1, 4] = 302
+    with pytest.raises(ValueError, match=r"input_ids\[1, 4\] = 302 is not a token id"):
+        model(input_ids=ids)
 
 
 @pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flamingo_kit import FlamingoPipeline
-from tests.conftest import build_model, open_gates, random_image
+from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoPipeline, FlamingoProcessor
+from flamingo_kit.tiny import build_lm, build_vision
+from tests.conftest import TINY_FLAMINGO, build_model, open_gates, random_image
 
 
 @pytest.fixture
@@ -32,3 +33,43 @@ def test_dtype_is_selectable(saved_dir):
     pipe = FlamingoPipeline.from_pretrained(saved_dir, device="cpu", dtype=torch.bfloat16)
     assert next(pipe.model.parameters()).dtype == torch.bfloat16
     assert isinstance(pipe([random_image(3), "An image of"], max_new_tokens=3), str)
+
+
+def shots(n: int, query: str = "Output:"):
+    """An n-shot captioning prompt: n demonstrations, then the query image and text."""
+    items = []
+    for i in range(n):
+        items += [random_image(i), f"Output: a red circle number {i}.<|endofchunk|>"]
+    return items + [random_image(99), query]
+
+
+def test_prompt_longer_than_the_training_length_is_not_cut(saved_dir, tokenizer, image_processor):
+    """The processor saved at training (max_length=16) does not cut prompts at inference."""
+    FlamingoProcessor(tokenizer, image_processor, max_length=16).save_pretrained(saved_dir)
+    pipe = FlamingoPipeline.from_pretrained(saved_dir)
+    prompt = shots(3)
+    full = pipe.processor([prompt], padding_side="left")
+    assert full["input_ids"].shape[1] > 16
+    expected = pipe.model.generate(**full, max_new_tokens=4)
+    assert pipe(prompt, max_new_tokens=4) == pipe.processor.batch_decode(expected)[0]
+
+
+def test_prompt_longer_than_the_context_drops_demonstrations_not_the_query(processor):
+    """With a 64-position LM, an 8-shot prompt keeps its query and its newest demonstrations."""
+    torch.manual_seed(0)
+    model = FlamingoModel.from_parts(build_lm("gpt2", vocab_size=300, max_positions=64),
+                                     build_vision("clip"), FlamingoConfig(**TINY_FLAMINGO),
+                                     processor=processor)
+    open_gates(model, 0.5)
+    pipe = FlamingoPipeline(model, processor)
+    prompt = shots(8)
+    assert processor([prompt])["input_ids"].shape[1] > 64
+    with pytest.warns(UserWarning, match=r"prompt 0: \d+ tokens exceed max_length=59; dropped its "
+                                         r"first (\d) of 8 demonstrations") as record:
+        text = pipe(prompt, max_new_tokens=5)
+    dropped = int(str(record[0].message).split("first ")[1].split(" ")[0])
+    assert text == pipe(shots(8)[2 * dropped:], max_new_tokens=5)
+    with pytest.raises(ValueError, match="prompt 0: .*without its 0 demonstrations"):
+        pipe(shots(0, query="Output: " + "a red circle " * 30))
+    with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room"):
+        pipe(shots(0), max_new_tokens=64)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -65,8 +67,11 @@ def test_flamingo_stage_learns_and_exports_loadable_model(
     overrides = common_overrides(run_dir, 40) + stage_overrides(world, "flamingo")
     final = run(load_config(None, overrides + ["optim.lr=1e-2"]))
     _assert_decreases(_losses(run_dir), window=10, margin=0.2)
-    model = FlamingoModel.from_pretrained(final)
-    processor = FlamingoProcessor.from_pretrained(final)
+    moved = shutil.move(final, tmp_path / "copied_elsewhere")  # self-contained: parts inside
+    with open(os.path.join(moved, "config.json")) as f:
+        assert json.load(f)["lm_source"]["path"] == "lm"
+    model = FlamingoModel.from_pretrained(moved)
+    processor = FlamingoProcessor.from_pretrained(moved)
     assert processor.image_token_id == model.image_token_id
 
 

@@ -57,7 +57,7 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
         world_size=dist.world_size, num_workers=stage.num_workers)
 
     def export(module: FlamingoModel, directory: str) -> None:
-        module.save_pretrained(directory)
+        module.save_pretrained(directory, self_contained=True)
         processor.save_pretrained(directory)
 
     return StageParts(model=model, loader=loader, loss=make_loss([s.loss_weight for s in sources]),
