@@ -152,6 +152,9 @@ class FlamingoStage:
     vision: str = "runs/contrastive/final"
     # Keyword arguments of ``flamingo_kit.FlamingoConfig``; checked against it at setup.
     model: dict[str, Any] = field(default_factory=dict)
+    # A saved flamingo-kit model directory (save_pretrained, flamingo-convert) to continue
+    # training from: it replaces lm, vision and model (which must then be empty).
+    init_from: str | None = None
     max_length: int = 128
     max_images: int = 4
     num_workers: int = 0
