@@ -13,7 +13,7 @@ import sys
 import torch
 
 from flamingo_kit.config import VISION_FEATURES
-from flamingo_kit.convert.openflamingo import REPORT_NAME, ConversionError, convert_openflamingo
+from flamingo_kit.convert.openflamingo import REPORT_NAME, convert_openflamingo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "auto": None}
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype=DTYPES[args.dtype], vision_features=args.vision_features,
             self_contained=args.self_contained,
         )
-    except (ConversionError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # ConversionError is a ValueError
         print(f"flamingo-convert: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(report)

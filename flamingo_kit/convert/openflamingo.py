@@ -154,7 +154,7 @@ def convert_openflamingo(
 
     lm_model = _load_lm(lm, dtype)
     tower, vision_source = load_vision(vision, torch.float32)
-    text_tokenizer = _openflamingo_tokenizer(tokenizer or lm, report)
+    text_tokenizer, added_ids = _openflamingo_tokenizer(tokenizer or lm, report)
     layers = find_decoder_layers(lm_model)
     layers_path = _module_name(lm_model, layers)
 
@@ -163,7 +163,7 @@ def convert_openflamingo(
     every_n = _cross_attn_every(sorted(blocks), len(layers), cross_attn_every, report)
     xattn_fields = _xattn_fields(blocks, lm_model, perceiver_tensors["latents"].shape[1], report)
 
-    media_ids = _rebuild_lm(lm_model, lm_tensors, text_tokenizer, report)
+    media_ids = _rebuild_lm(lm_model, lm_tensors, text_tokenizer, added_ids, report)
     lm_source = {"path": os.path.abspath(os.fspath(lm))}
     if report.lm_written:
         lm_source = {"config": lm_model.config.to_dict()}  # written to OUT/lm by save_pretrained
@@ -211,8 +211,10 @@ def _split_checkpoint(state: dict[str, torch.Tensor], path: str):
     if other:
         hint = ""
         if any(k.startswith("vision_encoder.") for k in other):
-            hint = (" (vision-encoder weights: OpenFlamingo never saves them; pass the CLIP tower "
-                    "with --vision and a checkpoint filtered as OpenFlamingo's training code does)")
+            hint = (" (vision-encoder weights: OpenFlamingo's filter_state_dict_to_trainable "
+                    "removes them, so this checkpoint was saved unfiltered; they are not compared "
+                    "with --vision: delete the vision_encoder.* keys if they are its unchanged "
+                    "CLIP weights)")
         raise ConversionError(f"{path}: unexpected keys {_listing(other)}{hint}")
     if not perceiver:
         raise ConversionError(f"{path}: no perceiver.* tensors; is this an OpenFlamingo checkpoint?")
@@ -394,18 +396,20 @@ def _load_lm(lm: str | os.PathLike, dtype: torch.dtype | None) -> nn.Module:
 
 
 def _openflamingo_tokenizer(path: str | os.PathLike, report: ConversionReport):
-    """The LM's tokenizer with OpenFlamingo's tokens added exactly as its factory adds them."""
+    """The LM's tokenizer with OpenFlamingo's tokens added exactly as its factory adds them,
+    and the ids of the tokens it added."""
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
+    base_size = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": list(OPENFLAMINGO_TOKENS)})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     ids = tokenizer.convert_tokens_to_ids([*OPENFLAMINGO_TOKENS, tokenizer.pad_token])
     report.note(f"tokenizer {os.fspath(path)}: {len(tokenizer)} tokens; <|endofchunk|>={ids[0]}, "
                 f"<image>={ids[1]}, pad {tokenizer.pad_token!r}={ids[2]}")
-    return tokenizer
+    return tokenizer, set(range(base_size, len(tokenizer)))
 
 
-def _rebuild_lm(lm: nn.Module, tensors: dict[str, torch.Tensor], tokenizer,
+def _rebuild_lm(lm: nn.Module, tensors: dict[str, torch.Tensor], tokenizer, added_ids: set[int],
                 report: ConversionReport) -> dict[str, int]:
     """Give ``lm`` OpenFlamingo's vocabulary and the checkpoint's LM tensors; return media ids.
 
@@ -413,7 +417,6 @@ def _rebuild_lm(lm: nn.Module, tensors: dict[str, torch.Tensor], tokenizer,
     """
     n_vocab = len(tokenizer)
     media_ids = dict(zip(OPENFLAMINGO_TOKENS, tokenizer.convert_tokens_to_ids(list(OPENFLAMINGO_TOKENS))))
-    new_ids = set(media_ids.values()) | {tokenizer.pad_token_id}
     embed_in, embed_out = lm.get_input_embeddings(), lm.get_output_embeddings()
     tied = embed_out.weight is embed_in.weight
     in_name = _module_name(lm, embed_in) + ".weight"
@@ -440,7 +443,7 @@ def _rebuild_lm(lm: nn.Module, tensors: dict[str, torch.Tensor], tokenizer,
     if not tied:
         tables.append(("output head", out_name, lm.get_output_embeddings(), old_out, saved_out))
     for what, name, module, old, saved in tables:
-        changed |= _set_table(what, name, module, old, saved, new_ids, report)
+        changed |= _set_table(what, name, module, old, saved, added_ids, report)
     changed |= _set_lm_tensors(lm, tensors, report)
     lm_dtype = lm.get_input_embeddings().weight.dtype
     if changed and lm_dtype != torch.float32:
