@@ -26,7 +26,7 @@ install: $(STAMP)
 # must not replace ours. Versions come from constraints.txt.
 $(REFS_STAMP): $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt \
-		open-flamingo einops einops-exts
+		open-flamingo einops einops-exts 2>&1 | grep -v "is neither a file nor a directory" || true
 	$(PY) -c "import einops, einops_exts, importlib.util as u; assert u.find_spec('open_flamingo')"
 	touch $@
 
