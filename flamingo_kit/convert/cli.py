@@ -21,7 +21,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one subcommand per source format)."""
-    parser = argparse.ArgumentParser(prog="flamingo-convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="flamingo-convert",
+        description="Import checkpoints of other Flamingo implementations into flamingo-kit's "
+                    "format.")
     formats = parser.add_subparsers(dest="format", required=True)
     of = formats.add_parser(
         "openflamingo",
