@@ -63,7 +63,7 @@ def load_lm(
         model = AutoModelForCausalLM.from_config(_config_from_dict(lm["config"]))
         return (model.to(dtype) if dtype else model), dict(lm)
     if isinstance(lm, (str, os.PathLike)):
-        path = _require_dir(lm, "lm")
+        path = require_local_dir(lm, "lm", "config.json")
         model = _load_checked("lm", path, lambda: AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=False, **_safe_load_kwargs(safetensors_only)))
         return model, {"path": os.path.abspath(path)}
@@ -100,7 +100,7 @@ def load_vision(
         model = AutoModel.from_config(config)
         return (model.to(dtype) if dtype else model), dict(vision)
     if isinstance(vision, (str, os.PathLike)):
-        path = _require_dir(vision, "vision")
+        path = require_local_dir(vision, "vision", "config.json")
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = _load_checked("vision", path, lambda: _vision_class(config).from_pretrained(
             path, dtype=dtype, **_safe_load_kwargs(safetensors_only)))
@@ -110,16 +110,21 @@ def load_vision(
     return vision, _source_of(vision)
 
 
-def _require_dir(path: str | os.PathLike, what: str) -> str:
+def require_local_dir(path: str | os.PathLike, what: str, required_file: str | None = None) -> str:
+    """``path`` if it is a local directory (holding ``required_file``); else a clear error.
+
+    Called before any Hugging Face loader sees the string, so a bare name such as ``gpt2`` is
+    never looked up on a model hub. ``what`` names the argument or config key in the message.
+    """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"{what}: {path!r} is not a local directory (weights cannot be downloaded here; "
             "pass a directory written by save_pretrained)"
         )
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{what}: {path!r} has no config.json; pass a directory written "
-                                "by save_pretrained")
+    if required_file is not None and not os.path.isfile(os.path.join(path, required_file)):
+        raise FileNotFoundError(f"{what}: {path!r} has no {required_file}; pass a directory "
+                                "written by save_pretrained")
     return path
 
 

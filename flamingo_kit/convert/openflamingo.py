@@ -44,7 +44,7 @@ from flamingo_kit.lm_integration import (
     flamingo_layers,
 )
 from flamingo_kit.modeling import FlamingoModel
-from flamingo_kit.parts import load_lm, load_vision
+from flamingo_kit.parts import load_lm, load_vision, require_local_dir
 from flamingo_kit.processing import FlamingoProcessor
 
 # Added by OpenFlamingo's factory in this order, then "<PAD>" when the tokenizer has no pad.
@@ -152,9 +152,13 @@ def convert_openflamingo(
     perceiver_state, lang_state = _split_checkpoint(state, os.fspath(checkpoint))
     report.note(f"checkpoint {os.fspath(checkpoint)}: {len(state)} tensors")
 
+    # Local directories only, checked before any loader sees the names (no hub look-ups).
+    lm = require_local_dir(lm, "--lm", "config.json")
+    vision = require_local_dir(vision, "--vision", "config.json")
+    tokenizer = require_local_dir(tokenizer or lm, "--tokenizer")
     lm_model = _load_lm(lm, dtype)
     tower, vision_source = load_vision(vision, torch.float32)
-    text_tokenizer, added_ids = _openflamingo_tokenizer(tokenizer or lm, report)
+    text_tokenizer, added_ids = _openflamingo_tokenizer(tokenizer, report)
     layers = find_decoder_layers(lm_model)
     layers_path = _module_name(lm_model, layers)
 
@@ -164,7 +168,7 @@ def convert_openflamingo(
     xattn_fields = _xattn_fields(blocks, lm_model, perceiver_tensors["latents"].shape[1], report)
 
     media_ids = _rebuild_lm(lm_model, lm_tensors, text_tokenizer, added_ids, report)
-    lm_source = {"path": os.path.abspath(os.fspath(lm))}
+    lm_source = {"path": os.path.abspath(lm)}
     if report.lm_written:
         lm_source = {"config": lm_model.config.to_dict()}  # written to OUT/lm by save_pretrained
 
@@ -188,7 +192,7 @@ def convert_openflamingo(
     _copy_media_rows(model, media_ids)
 
     model.save_pretrained(out, self_contained=self_contained)
-    image_processor = _image_processor(os.fspath(vision), tower, report)
+    image_processor = _image_processor(vision, tower, report)
     FlamingoProcessor(text_tokenizer, image_processor).save_pretrained(out)
     with open(os.path.join(out, REPORT_NAME), "w", encoding="utf-8") as f:
         f.write(str(report) + "\n")
@@ -395,16 +399,16 @@ def _load_lm(lm: str | os.PathLike, dtype: torch.dtype | None) -> nn.Module:
     return model.eval()
 
 
-def _openflamingo_tokenizer(path: str | os.PathLike, report: ConversionReport):
+def _openflamingo_tokenizer(path: str, report: ConversionReport):
     """The LM's tokenizer with OpenFlamingo's tokens added exactly as its factory adds them,
     and the ids of the tokens it added."""
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     base_size = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": list(OPENFLAMINGO_TOKENS)})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     ids = tokenizer.convert_tokens_to_ids([*OPENFLAMINGO_TOKENS, tokenizer.pad_token])
-    report.note(f"tokenizer {os.fspath(path)}: {len(tokenizer)} tokens; <|endofchunk|>={ids[0]}, "
+    report.note(f"tokenizer {path}: {len(tokenizer)} tokens; <|endofchunk|>={ids[0]}, "
                 f"<image>={ids[1]}, pad {tokenizer.pad_token!r}={ids[2]}")
     return tokenizer, set(range(base_size, len(tokenizer)))
 
