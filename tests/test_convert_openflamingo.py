@@ -264,7 +264,8 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch, capsys
 
 def test_training_checkpoint_and_bad_inputs(conversions, tmp_path):
     """A training checkpoint (model_state_dict, DDP prefixes) reads like the released one;
-    unexpected keys, a wrong --cross-attn-every or a foreign LM fail, naming what is wrong."""
+    unexpected keys, a wrong --cross-attn-every, a hub name or a foreign LM fail, naming what
+    is wrong."""
     *_, paths = conversions("llama")
     flat = load_checkpoint(paths["checkpoint"])
     wrapped = str(tmp_path / "checkpoint_3.pt")
@@ -280,6 +281,8 @@ def test_training_checkpoint_and_bad_inputs(conversions, tmp_path):
                                               r"cross-attention before layers \[1, 3\]"):
         convert_openflamingo(paths["checkpoint"], paths["lm"], paths["clip"], tmp_path / "o2",
                              cross_attn_every=4)
+    with pytest.raises(FileNotFoundError, match="--lm: 'gpt2' is not a local directory"):
+        convert_openflamingo(paths["checkpoint"], "gpt2", paths["clip"], tmp_path / "o0")
     other = make_world(str(tmp_path / "other"), "llama", extra_rows=5)
     with pytest.raises(ConversionError, match="rows but the tokenizer"):
         convert_openflamingo(paths["checkpoint"], other["lm"], paths["clip"], tmp_path / "o3")
