@@ -40,7 +40,9 @@ def _inspect(args: argparse.Namespace) -> None:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        from flamingo_kit.backbones import require_local_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(require_local_dir(args.tokenizer, "--tokenizer"))
     else:
         from data_pipelines.tokenizer import train_tokenizer
 

@@ -21,7 +21,8 @@ import webdataset as wds
 
 from data_pipelines.documents import DECODERS, SkipSample
 from data_pipelines.sequence import IGNORE_INDEX, SequenceBuilder, TokenizedDocument
-from data_pipelines.streams import expand_shards, read_error_reason
+from data_pipelines.shard_access import expand_shards, shard_samples
+from data_pipelines.streams import read_error_reason
 
 
 def label_runs(doc: TokenizedDocument, tokenizer) -> list[tuple[bool, str]]:
@@ -48,7 +49,7 @@ def describe(key: str, kind: str, doc: TokenizedDocument, tokenizer) -> str:
 
 
 def _shard_paths(shards: str | Sequence[str]) -> list[str]:
-    paths = expand_shards(shards)
+    paths = expand_shards(shards, "inspect")  # local shards only
     if not paths:
         raise ValueError(f"no shards found for {shards!r}; pass a directory of .tar files, a "
                          "brace pattern or a list of paths")
@@ -74,8 +75,7 @@ def inspect_shards(
         return True
 
     builder = SequenceBuilder(tokenizer, max_length=max_length, max_images=max_images)
-    samples = iter(wds.DataPipeline(wds.SimpleShardList(paths),
-                                    wds.tarfile_to_samples(handler=count)))
+    samples = shard_samples(paths, count, "inspect")
     blocks = []
     for raw in samples:
         try:
@@ -92,10 +92,9 @@ def inspect_shards(
 
 def sample_texts(shards: str | Sequence[str], kind: str, limit: int = 200) -> list[str]:
     """Texts of the first ``limit`` samples (to train a throwaway tokenizer for inspection)."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList(_shard_paths(shards)),
-                                wds.tarfile_to_samples(handler=wds.ignore_and_continue))
     texts = []
-    for raw in islice(iter(pipeline), limit):
+    for raw in islice(shard_samples(_shard_paths(shards), wds.ignore_and_continue, "inspect"),
+                      limit):
         try:
             texts += [item for item in DECODERS[kind](raw) if isinstance(item, str)]
         except SkipSample:

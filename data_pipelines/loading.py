@@ -28,7 +28,8 @@ from webdataset.utils import pytorch_worker_info
 
 from data_pipelines.documents import DECODERS, SkipSample
 from data_pipelines.sequence import SequenceBuilder, collate
-from data_pipelines.streams import SourceStream, expand_shards
+from data_pipelines.shard_access import expand_shards, warn_missing
+from data_pipelines.streams import SourceStream
 
 STATE_VERSION = 1
 
@@ -37,9 +38,12 @@ STATE_VERSION = 1
 class SourceConfig:
     """One training source.
 
-    ``kind`` is ``"interleaved"`` or ``"pairs"``; ``shards`` a brace pattern, a list of paths or a
-    directory of ``.tar`` files; ``weight`` its share of samples in the mixture (relative);
-    ``loss_weight`` is passed through for the trainer (batches carry ``source_index``).
+    ``kind`` is ``"interleaved"`` or ``"pairs"``; ``shards`` a local path, brace pattern, glob,
+    directory of ``.tar`` files, or a list of these; ``weight`` its share of samples in the
+    mixture (relative); ``loss_weight`` is passed through for the trainer (batches carry
+    ``source_index``). ``pipe:`` shards (shell commands) are accepted only with
+    ``allow_pipe=True`` and URLs (http, s3, gs, ...) only with ``allow_remote=True``; see
+    ``data_pipelines.shard_access``. Missing local shards in a list are warned about once.
     """
 
     name: str
@@ -47,6 +51,8 @@ class SourceConfig:
     shards: str | list[str]
     weight: float = 1.0
     loss_weight: float = 1.0
+    allow_pipe: bool = False
+    allow_remote: bool = False
     shard_paths: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -56,12 +62,15 @@ class SourceConfig:
             )
         if not self.weight > 0:
             raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
-        self.shard_paths = expand_shards(self.shards)
+        self.shard_paths = expand_shards(self.shards, self.name, self.allow_pipe,
+                                         self.allow_remote)
         if not self.shard_paths:
             raise ValueError(
                 f"source {self.name!r}: no shards found for {self.shards!r}; pass a brace pattern "
-                "like 'dir/docs-{000000..000003}.tar', a list of paths, or a directory of .tar"
+                "like 'dir/docs-{000000..000003}.tar', a glob, a list of paths, or a directory "
+                "of .tar"
             )
+        warn_missing(self.shard_paths, self.name)
 
 
 class MixtureStream:
@@ -85,7 +94,8 @@ class MixtureStream:
         self.pad_token_id = builder.tokenizer.pad_token_id
         rank, _, worker, _ = stream
         self.streams = [
-            SourceStream(s.name, s.shard_paths, seed, stream, shuffle_buffer, resampled)
+            SourceStream(s.name, s.shard_paths, seed, stream, shuffle_buffer, resampled,
+                         s.allow_pipe, s.allow_remote)
             for s in self.sources
         ]
         self.rng = random.Random(f"mixture/{seed}/{rank}/{worker}")

@@ -7,13 +7,12 @@ shuffled in a seeded buffer. So a stream's position is just ``(epoch, samples ta
 resuming replays the tar reads of the current epoch without decoding anything.
 
 Errors while reading (truncated tar, missing shard, duplicate member) are counted by reason and
-reading continues with the next shard.
+reading continues with the next shard. Shards are opened by ``data_pipelines.shard_access``:
+local files unless the source allows ``pipe:`` or remote shards.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import random
 import tarfile
 from collections import Counter
@@ -21,23 +20,8 @@ from collections.abc import Iterator, Sequence
 from itertools import islice
 
 import webdataset as wds
-from webdataset.shardlists import expand_urls
 
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard paths from a brace pattern (``docs-{000000..000003}.tar``), a list, or a directory.
-
-    A directory means every ``*.tar`` inside it, sorted by name.
-    """
-    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    shards: list[str] = []
-    for item in specs:
-        item = os.fspath(item)
-        if os.path.isdir(item):
-            shards.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
-        else:
-            shards.extend(expand_urls(item))
-    return shards
+from data_pipelines.shard_access import shard_samples
 
 
 def split_by_rank(items: Sequence, rank: int, world_size: int) -> list:
@@ -66,7 +50,8 @@ class SourceStream:
 
     ``stream`` is ``(rank, world_size, worker, num_workers)``. ``counts`` holds skip counts of
     this source by reason; decoding failures found later are added to it by the caller so a
-    source's counts travel with its position in :meth:`state_dict`.
+    source's counts travel with its position in :meth:`state_dict`. ``allow_pipe`` /
+    ``allow_remote`` let ``pipe:`` / URL shards be opened (see ``shard_access``).
     """
 
     def __init__(
@@ -77,6 +62,8 @@ class SourceStream:
         stream: tuple[int, int, int, int],
         shuffle_buffer: int = 256,
         resampled: bool = True,
+        allow_pipe: bool = False,
+        allow_remote: bool = False,
     ):
         if not shards:
             raise ValueError(f"source {name!r} has no shards")
@@ -86,6 +73,7 @@ class SourceStream:
         self.rank, self.world_size, self.worker, self.num_workers = stream
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
+        self.allow_pipe, self.allow_remote = allow_pipe, allow_remote
         self.epoch = 0
         self.position = 0  # samples taken from the current epoch
         self.exhausted = False
@@ -107,11 +95,8 @@ class SourceStream:
             sample_split = None
         else:  # too few shards to split: every stream reads them all and keeps its samples
             mine, sample_split = shards, self.rank * self.num_workers + self.worker
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(mine),
-            wds.tarfile_to_samples(handler=self._count_error),
-        )
-        samples = iter(pipeline)
+        samples = shard_samples(mine, self._count_error, self.name, self.allow_pipe,
+                                self.allow_remote)
         if sample_split is not None:
             samples = islice(samples, sample_split, None, n_streams)
         rng = random.Random(

@@ -102,7 +102,14 @@ def init_distributed(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``flamingo-eval``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from flamingo_kit.backbones import require_local_dir
+
+    try:  # before anything loads it: a bare name would be looked up on a model hub
+        require_local_dir(args.model, "--model", "config.json")
+    except FileNotFoundError as error:
+        parser.error(str(error))
     from eval_fewshot.inference import FewShotModel
     from eval_fewshot.report import format_table, plot_scores, write_json
     from eval_fewshot.runner import Distributed, EvalConfig, Evaluator, results_to_json

@@ -66,7 +66,7 @@ def load_lm(
         model = AutoModelForCausalLM.from_config(_config_from_dict(lm["config"]))
         return (model.to(dtype) if dtype else model), dict(lm)
     if isinstance(lm, (str, os.PathLike)):
-        path = _require_dir(lm, "lm")
+        path = require_local_dir(lm, "lm", "config.json")
         model = _load_checked("lm", path, lambda: AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=False, **_safe_load_kwargs(safetensors_only)))
         return model, {"path": os.path.abspath(path)}
@@ -103,7 +103,7 @@ def load_vision(
         model = AutoModel.from_config(config)
         return (model.to(dtype) if dtype else model), dict(vision)
     if isinstance(vision, (str, os.PathLike)):
-        path = _require_dir(vision, "vision")
+        path = require_local_dir(vision, "vision", "config.json")
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = _load_checked("vision", path, lambda: _vision_class(config).from_pretrained(
             path, dtype=dtype, **_safe_load_kwargs(safetensors_only)))
@@ -113,16 +113,21 @@ def load_vision(
     return vision, _source_of(vision)
 
 
-def _require_dir(path: str | os.PathLike, what: str) -> str:
+def require_local_dir(path: str | os.PathLike, what: str, required_file: str | None = None) -> str:
+    """``path`` if it is a local directory (holding ``required_file``); else a clear error.
+
+    Called before any Hugging Face loader sees the string, so a bare name such as ``gpt2`` is
+    never looked up on a model hub. ``what`` names the argument or config key in the message.
+    """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"{what}: {path!r} is not a local directory (weights cannot be downloaded here; "
             "pass a directory written by save_pretrained)"
         )
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{what}: {path!r} has no config.json; pass a directory written "
-                                "by save_pretrained")
+    if required_file is not None and not os.path.isfile(os.path.join(path, required_file)):
+        raise FileNotFoundError(f"{what}: {path!r} has no {required_file}; pass a directory "
+                                "written by save_pretrained")
     return path
 
 
@@ -163,13 +168,31 @@ def lm_context_length(config: PretrainedConfig) -> int | None:
 
 
 class VisionEncoder(nn.Module):
-    """Frozen-by-default vision tower: ``[M, F, C, H, W]`` images -> ``[M, F, P, D]`` patches."""
+    """Frozen-by-default vision tower: ``[M, F, C, H, W]`` images -> ``[M, F, P, D]`` patches.
 
-    def __init__(self, tower: PreTrainedModel):
+    ``features="last_hidden_state"`` takes the tower's output as is (for CLIP: before its final
+    LayerNorm, for SigLIP: after it); ``"post_layernorm"`` passes a CLIP tower's output through
+    its ``post_layernorm`` (what open_clip >= 2.23 returns as tokens). ``drop_cls`` removes the
+    class token (OpenFlamingo resamples patch tokens only).
+    """
+
+    def __init__(self, tower: PreTrainedModel, features: str = "last_hidden_state",
+                 drop_cls: bool = False):
         super().__init__()
         self.tower = tower
         config = getattr(tower.config, "vision_config", None) or tower.config
         self.hidden_size = config.hidden_size
+        self.features, self.drop_cls = features, drop_cls
+        body = getattr(tower, "vision_model", tower)
+        if features == "post_layernorm" and not (
+            config.model_type.startswith("clip") and hasattr(body, "post_layernorm")
+        ):
+            raise ValueError(
+                f"vision_features='post_layernorm' needs a CLIP tower (its last_hidden_state is "
+                f"taken before post_layernorm); got {type(tower).__name__}"
+            )
+        if drop_cls and not hasattr(getattr(body, "embeddings", None), "class_embedding"):
+            raise ValueError(f"vision_drop_cls=True but {type(tower).__name__} has no class token")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens of every frame (no gradient when the tower is frozen)."""
@@ -178,4 +201,8 @@ class VisionEncoder(nn.Module):
         dtype = next(self.tower.parameters()).dtype
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             out = self.tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
+            if self.features == "post_layernorm":
+                out = getattr(self.tower, "vision_model", self.tower).post_layernorm(out)
+        if self.drop_cls:
+            out = out[:, 1:]
         return out.unflatten(0, (m, f))

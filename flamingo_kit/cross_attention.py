@@ -163,12 +163,16 @@ class GatedCrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention then feed-forward, each scaled by ``tanh(gate)``.
 
     Gates start at 0, so a freshly built model computes exactly what the frozen LM computes.
-    Tokens that see no image get exactly zero from the whole block.
+    Tokens that see no image get exactly zero from the whole block, unless ``ff_all_tokens``:
+    then the gated feed-forward applies to every token, with or without images in the call
+    (OpenFlamingo's block; its attention still gives zero to tokens before the first image).
     """
 
-    def __init__(self, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int):
+    def __init__(self, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int,
+                 ff_all_tokens: bool = False):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
+        self.ff_all_tokens = ff_all_tokens
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -186,13 +190,23 @@ class GatedCrossAttentionBlock(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        media_kv: tuple[torch.Tensor, torch.Tensor],
-        layout: MediaLayout,
+        media_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        layout: MediaLayout | None,
     ) -> torch.Tensor:
-        """hidden ``[B, T, D]`` -> hidden with the gated image information added."""
+        """hidden ``[B, T, D]`` -> hidden with the gated image information added.
+
+        ``media_kv``/``layout`` are ``None`` when the call has no images at all.
+        """
+        if media_kv is None:
+            if not self.ff_all_tokens:
+                return hidden
+            return hidden + torch.tanh(self.ff_gate).to(hidden.dtype) * self.ff(hidden)
         q = self.to_q(self.norm(hidden)).unflatten(-1, (self.heads, self.dim_head))
         k, v = media_kv
         attn = cross_attend(q, k.to(q.dtype), v.to(q.dtype), layout).flatten(-2)
         mask = layout.has_media.to(hidden.dtype)
         hidden = hidden + torch.tanh(self.attn_gate).to(hidden.dtype) * self.to_out(attn) * mask
-        return hidden + torch.tanh(self.ff_gate).to(hidden.dtype) * self.ff(hidden) * mask
+        ff = self.ff(hidden)
+        if not self.ff_all_tokens:
+            ff = ff * mask
+        return hidden + torch.tanh(self.ff_gate).to(hidden.dtype) * ff

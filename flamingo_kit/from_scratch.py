@@ -21,7 +21,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-LM_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "opt", "gpt_neox", "phi")
+LM_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "opt", "gpt_neox", "phi", "mpt")
 
 
 def lm_config(
@@ -33,11 +33,15 @@ def lm_config(
     intermediate_size: int | None = None,
     max_positions: int = 512,
 ) -> PretrainedConfig:
-    """A decoder-only LM config of ``family`` with the given shape (sdpa attention)."""
+    """A decoder-only LM config of ``family`` with the given shape (sdpa attention where the
+    family has it)."""
     ffn = intermediate_size or 4 * hidden_size
     if family == "gpt2":
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=ffn,
                   n_positions=max_positions)
+    elif family == "mpt":
+        kw = dict(d_model=hidden_size, n_layers=num_layers, n_heads=num_heads,
+                  expansion_ratio=ffn // hidden_size, max_seq_len=max_positions)
     elif family == "opt":
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, ffn_dim=ffn, word_embed_proj_dim=hidden_size,
@@ -56,7 +60,7 @@ def lm_config(
     config = AutoConfig.for_model(
         family, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **kw
     )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager" if family == "mpt" else "sdpa"  # MPT has no sdpa path
     return config
 
 

@@ -74,8 +74,8 @@ class FlamingoLayer(nn.Module):
         kv = state.media_kv(self.xattn_index, self.xattn) if state is not None else None
 
         def run(hidden):
-            if kv is not None:
-                hidden = self.xattn(hidden, kv, state.layout)
+            if kv is not None or self.xattn.ff_all_tokens:
+                hidden = self.xattn(hidden, kv, state.layout if kv is not None else None)
             return self.decoder_layer(hidden, *rest, **kwargs)
 
         if self.activation_checkpointing and torch.is_grad_enabled():

@@ -87,11 +87,13 @@ class FlamingoModel(GenerationMixin, nn.Module):
             lm = _inject_lora(lm, config.lora)
         # The trainable rows of <image> and <|endofchunk|> (embedding and head) beside the LM's.
         self.media_tokens = MediaTokens(lm, self.image_token_id, self.eoc_token_id)
-        self.vision = VisionEncoder(vision)
+        self.vision = VisionEncoder(vision, config.vision_features, config.vision_drop_cls)
+        # Width of the latents that cross-attention reads keys/values from.
+        media_dim = lm_dim if config.perceiver_output_proj else self.vision.hidden_size
         self.lm = lm
         self.perceiver = PerceiverResampler(
             dim=self.vision.hidden_size,
-            out_dim=lm_dim,
+            out_dim=lm_dim if config.perceiver_output_proj else None,
             num_latents=config.perceiver_num_latents,
             depth=config.perceiver_depth,
             heads=config.perceiver_heads,
@@ -103,7 +105,8 @@ class FlamingoModel(GenerationMixin, nn.Module):
         insert_cross_attention(
             lm,
             lambda: GatedCrossAttentionBlock(
-                lm_dim, lm_dim, config.xattn_heads, config.xattn_dim_head, config.xattn_ff_mult
+                lm_dim, media_dim, config.xattn_heads, config.xattn_dim_head,
+                config.xattn_ff_mult, ff_all_tokens=config.xattn_ff_all_tokens,
             ),
             config.cross_attn_every_n_layers,
         )

@@ -399,3 +399,43 @@ def test_resampler_latents_start_distinct():
         out = resampler(torch.randn(8, 1, 17, 64) * 3, torch.zeros(8, dtype=torch.long))
     spread = (out - out.mean(1, keepdim=True)).norm(dim=-1).mean() / out.norm(dim=-1).mean()
     assert spread > 0.8
+
+
+def test_feed_forward_on_every_token_option():
+    """xattn_ff_all_tokens: the gated feed-forward also changes text-only prompts and tokens
+    before the first image (OpenFlamingo); by default those tokens get exactly nothing."""
+    text = torch.randint(3, 290, (2, 12))
+    ids = ids_with_images([5, 9])
+    images = torch.randn(2, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        outs = {}
+        for every in (False, True):
+            model = randomize_all(build_model("llama", xattn_ff_all_tokens=every)).eval()
+            outs[every] = (model(input_ids=text).logits,
+                           model(input_ids=ids, pixel_values=images).logits)
+        bare = randomize_all(build_model("llama")).eval()
+        bare_lm = bare.lm(input_ids=text).logits  # same LM weights: randomize_all is seeded
+    assert (outs[False][0][..., :300] - bare_lm).abs().max() <= 1e-5
+    assert (outs[True][0][..., :300] - bare_lm).abs().max() > 1e-2
+    before_image = slice(0, 5)
+    assert (outs[True][1][:, before_image] - outs[False][1][:, before_image]).abs().max() > 1e-2
+
+
+def test_openflamingo_vision_options():
+    """Patch tokens without the class token and/or after CLIP's post_layernorm; towers without
+    a class token or whose output is already normalised are refused."""
+    from flamingo_kit.backbones import VisionEncoder
+    from flamingo_kit.from_scratch import build_vision
+
+    clip = build_vision("clip")
+    images = torch.randn(2, 1, 3, 32, 32)
+    with torch.no_grad():
+        full = VisionEncoder(clip)(images)
+        cut = VisionEncoder(clip, "post_layernorm", drop_cls=True)(images)
+    assert cut.shape[2] == full.shape[2] - 1
+    assert torch.allclose(cut, clip.post_layernorm(full)[:, :, 1:])
+    siglip = build_vision("siglip")
+    with pytest.raises(ValueError, match="needs a CLIP tower"):
+        VisionEncoder(siglip, "post_layernorm")
+    with pytest.raises(ValueError, match="has no class token"):
+        VisionEncoder(siglip, drop_cls=True)

@@ -6,11 +6,9 @@ import math
 import os
 import sys
 
-import torch
-
 from flamingo_kit import FlamingoModel
 from tests.test_train_utils import common_overrides, run_cli, stage_overrides, world  # noqa: F401
-from train.checkpoint import latest_checkpoint
+from train.checkpoint import latest_checkpoint, read_rank_state
 from train.distributed import free_port
 from train.metrics import read_metrics
 
@@ -31,8 +29,7 @@ def test_deepspeed_launcher_two_processes_zero3(world, tmp_path):  # noqa: F811
     # Both ranks saved their state and rank 1's data position moved independently.
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint.endswith("step-3")
-    states = [torch.load(os.path.join(checkpoint, f"rank-{r:05d}.pt"), weights_only=False)
-              for r in (0, 1)]
+    states = [read_rank_state(checkpoint, r)[0] for r in (0, 1)]
     assert states[0]["data"]["rank"] == 0 and states[1]["data"]["rank"] == 1
     assert states[0]["data"]["workers"] != states[1]["data"]["workers"]
     # The export gathered the ZeRO-3 shards into a complete, loadable model.

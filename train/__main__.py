@@ -39,11 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from train.checkpoint import CheckpointError
     from train.distributed import shutdown_distributed
     from train.recipe import run
 
     try:
         final = run(cfg)
+    except (ConfigError, CheckpointError) as error:  # a resume that cannot be accepted
+        print(f"flamingo-train: {error}", file=sys.stderr)
+        return 2
     finally:
         shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":

@@ -5,6 +5,14 @@ One schema covers the three stages; ``stage`` picks which section (``lm``, ``con
 or a wrong type fails in well under a second with the key's name and the keys that are valid
 there. This module imports only omegaconf on purpose: heavy imports (torch, deepspeed) come after
 the config is known to be good.
+
+Resume rule: re-running a command whose ``run_dir`` holds a checkpoint continues that run, so
+the config must be the one the run recorded in ``RUN/config.yaml``. Only the keys in
+:data:`RESUMABLE_KEYS` may differ (how long to train, logging, checkpoint cadence, the
+non-finite-loss limit); any other difference (learning rate or schedule, batch size, model,
+data, seed, ...) refuses the resume with the list of differing keys, before anything is
+loaded or written. ``config.yaml`` is rewritten only once a resume is accepted. A changed
+``steps`` re-spreads the cosine decay over the new total from the resumed step on.
 """
 
 from __future__ import annotations
@@ -14,12 +22,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from train.atomic import atomic_write_text
 
 STAGES = ("lm", "contrastive", "flamingo")
 PRECISIONS = ("fp32", "bf16")
 CONTRASTIVE_LOSSES = ("clip", "siglip")
+CONFIG_FILE = "config.yaml"
+# Keys (or whole sections) a resumed run may change; see the module docstring.
+RESUMABLE_KEYS = ("steps", "max_nonfinite_losses", "logging", "checkpoint")
 
 
 @dataclass
@@ -123,7 +137,9 @@ class TextTowerShape:
 class ContrastiveStage:
     """Stage 2: CLIP/SigLIP training of a vision tower against a text tower on pair shards."""
 
-    shards: str = "data/synth/pairs"
+    shards: str = "data/synth/pairs"  # local paths; see SourceSettings for the opt-ins
+    allow_pipe: bool = False
+    allow_remote: bool = False
     tokenizer: str = "runs/lm/final"
     loss: str = "clip"
     embed_dim: int = 64
@@ -139,9 +155,14 @@ class SourceSettings:
 
     name: str = "docs"
     kind: str = "interleaved"
-    shards: Any = "data/synth/interleaved"  # brace pattern, list of paths or a directory
+    # Local paths: a directory of .tar, a brace pattern, a glob, or a list of these.
+    shards: Any = "data/synth/interleaved"
     weight: float = 1.0
     loss_weight: float = 1.0
+    # Opt-ins for shard strings that are not local paths: `pipe:CMD` runs CMD in a shell;
+    # `http(s)://`, `s3://`, `gs://`, ... fetch over the network (webdataset's openers).
+    allow_pipe: bool = False
+    allow_remote: bool = False
 
 
 @dataclass
@@ -152,6 +173,9 @@ class FlamingoStage:
     vision: str = "runs/contrastive/final"
     # Keyword arguments of ``flamingo_kit.FlamingoConfig``; checked against it at setup.
     model: dict[str, Any] = field(default_factory=dict)
+    # A saved flamingo-kit model directory (save_pretrained, flamingo-convert) to continue
+    # training from: it replaces lm, vision and model (which must then be empty).
+    init_from: str | None = None
     max_length: int = 128
     max_images: int = 4
     num_workers: int = 0
@@ -237,7 +261,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        layers.append((path, OmegaConf.load(path)))
+        try:  # omegaconf's loader is yaml.SafeLoader: tags that build Python objects are refused
+            layers.append((path, OmegaConf.load(path)))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not a readable YAML config: "
+                              f"{str(error).splitlines()[0]}") from None
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -257,6 +285,70 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def save_config(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config as YAML (what the run actually used)."""
-    with open(path, "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    """Write the resolved config as YAML (what the run actually used), atomically."""
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every setting that differs.
+
+    The sections of stages that neither config runs are left out (they change nothing).
+    """
+    unused = set(STAGES) - {old.stage, new.stage}
+    flat_old, flat_new = (_flatten(OmegaConf.to_container(OmegaConf.structured(c)))
+                          for c in (old, new))
+    missing = object()
+    changes = {}
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if key.split(".")[0] in unused:
+            continue
+        before, after = flat_old.get(key, missing), flat_new.get(key, missing)
+        if before != after:
+            changes[key] = (None if before is missing else before,
+                            None if after is missing else after)
+    return changes
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
+
+
+def resume_conflicts(recorded: TrainConfig, current: TrainConfig) -> list[str]:
+    """Keys that differ between a run's recorded config and ``current`` and may not change."""
+    return [key for key in config_changes(recorded, current) if not _resumable(key)]
+
+
+def check_resume(cfg: TrainConfig, recorded_path: str) -> dict[str, tuple[Any, Any]]:
+    """Accept resuming the run recorded at ``recorded_path`` with ``cfg``, or raise ConfigError.
+
+    Returns the allowed changes (``steps``, logging, ...) so they can be logged.
+    """
+    how = (f"resume with the recorded values, start a new run_dir, or set "
+           f"checkpoint.resume=false to start {cfg.run_dir} over")
+    if not os.path.isfile(recorded_path):
+        raise ConfigError(f"{cfg.run_dir} holds checkpoints but no {CONFIG_FILE}, so the resume "
+                          f"cannot be checked; {how}")
+    try:
+        recorded = load_config(recorded_path)
+    except ConfigError as error:
+        raise ConfigError(f"the run's recorded config cannot be read: {error}; {how}") from None
+    changes = config_changes(recorded, cfg)
+    conflicts = [key for key in changes if not _resumable(key)]
+    if conflicts:
+        listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in conflicts)
+        raise ConfigError(
+            f"{cfg.run_dir} holds a run recorded with different settings ({recorded_path}): "
+            f"{listed}. A resume continues the recorded run; only {', '.join(RESUMABLE_KEYS)} "
+            f"may change. To train with the new settings, {how}"
+        )
+    return changes

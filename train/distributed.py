@@ -88,6 +88,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Add up per-rank ``{name: count}`` dicts whose names may differ between ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(counts)
+    gathered: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for name, value in part.items():
+            total[name] = total.get(name, 0) + int(value)
+    return total
+
+
 def shutdown_distributed() -> None:
     """Tear down the process group so the same process can start another run (tests)."""
     import torch.distributed as dist

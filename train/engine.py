@@ -77,8 +77,13 @@ def _make_scheduler(optimizer, optim: OptimSettings, total_steps: int):
 def build_engine(
     model: torch.nn.Module, settings: DeepSpeedSettings, optim: OptimSettings, total_steps: int
 ):
-    """Wrap ``model`` in a DeepSpeed engine with torch AdamW and the warmup+cosine schedule."""
+    """Wrap ``model`` in a DeepSpeed engine with torch AdamW and the warmup+cosine schedule.
+
+    The engine reads its checkpoint files with ``weights_only`` unpickling (``train.safe_load``).
+    """
     import deepspeed
+
+    from train.safe_load import use_weights_only_loading
 
     optimizer = torch.optim.AdamW(
         parameter_groups(model, optim.weight_decay),
@@ -92,6 +97,7 @@ def build_engine(
         lr_scheduler=partial(_make_scheduler, optim=optim, total_steps=total_steps),
         config=deepspeed_config(settings),
     )
+    use_weights_only_loading(engine)
     return engine
 
 

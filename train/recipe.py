@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import signal
 import time
 import zlib
@@ -21,15 +20,17 @@ import numpy as np
 import torch
 
 from train import checkpoint
-from train.config import TrainConfig, save_config
+from train.atomic import atomic_directory
+from train.config import CONFIG_FILE, TrainConfig, check_resume, save_config
 from train.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
     init_distributed,
+    sum_counts,
 )
 from train.engine import build_engine, enable_activation_checkpointing
-from train.metrics import MetricsLogger, count_parameters, step_flops
+from train.metrics import MetricsLogger, count_parameters, drop_records_after, step_flops
 from train.stages import StageParts, build_stage
 
 FINAL_DIR = "final"
@@ -63,11 +64,19 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: TrainConfig) -> Session:
-    """Process group, run dir, stage parts, DeepSpeed engine, and the resumed state if any."""
+    """Process group, run dir, stage parts, DeepSpeed engine, and the resumed state if any.
+
+    A resume is checked against the run's recorded config before anything is built or written
+    (``train.config.check_resume``); ``config.yaml`` is rewritten only once it is accepted.
+    """
     dist = init_distributed(shm_comm=False)
+    config_path = os.path.join(cfg.run_dir, CONFIG_FILE)
+    latest = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume else None
+    changed = check_resume(cfg, config_path) if latest is not None else {}
     if dist.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        if latest is None:
+            save_config(cfg, config_path)
         checkpoint.remove_partial_checkpoints(cfg.run_dir)
     barrier()
     seed_everything(cfg.seed)
@@ -80,15 +89,21 @@ def setup(cfg: TrainConfig) -> Session:
     # Dropout and sampling differ per rank; the weights were initialised identically above.
     seed_everything(cfg.seed + dist.rank)
     start_step, nonfinite = 0, 0
-    latest = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume else None
     if latest is not None:
         state = checkpoint.load_checkpoint(engine, latest, dist)
         parts.loader.load_state_dict(state["data"])
         start_step, nonfinite = state["step"], state["nonfinite"]
+    dropped = 0
+    if dist.is_main:
+        if latest is not None:
+            save_config(cfg, config_path)  # the resume is accepted: record the allowed changes
+        dropped = drop_records_after(cfg.run_dir, start_step)
+    barrier()
     logger = MetricsLogger(cfg.run_dir, cfg.steps, start_step, enabled=dist.is_main,
                            progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
     if latest is not None:
-        logger.event("resume", step=start_step, checkpoint=latest)
+        logger.event("resume", step=start_step, checkpoint=latest, dropped_records=dropped,
+                     changed={key: list(values) for key, values in changed.items()})
     logger.event("setup", stage=cfg.stage, world_size=dist.world_size,
                  trainable_params=n_trainable, frozen_params=n_frozen,
                  zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision)
@@ -121,11 +136,13 @@ def train_step(s: Session) -> dict[str, Any]:
 
     A micro-batch whose loss is NaN/inf on any rank is dropped on all ranks before backward
     (so no gradient of it reaches the update), logged, and replaced by the next one; the run
-    stops once more than ``max_nonfinite_losses`` were dropped.
+    stops once more than ``max_nonfinite_losses`` were dropped. ``grad_norm`` is the norm of
+    the accumulated gradient before clipping (see :func:`_grad_norm`).
     """
     cfg, engine = s.cfg, s.engine
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     loss_sum, tokens, crc, done = 0.0, 0, 0, 0
+    own_norm = None
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
     start = time.perf_counter()
     while done < cfg.deepspeed.grad_accum:
@@ -143,6 +160,8 @@ def train_step(s: Session) -> dict[str, Any]:
                 )
             continue
         engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary() and _needs_own_grad_norm(engine):
+            own_norm = gradient_norm(engine.module)  # step() clips, then zeroes the gradients
         engine.step()
         loss_sum += float(loss.detach())
         tokens += s.parts.count_tokens(batch)
@@ -151,26 +170,51 @@ def train_step(s: Session) -> dict[str, Any]:
     s.step += 1
     loss_total, tokens_total = all_reduce_sum([loss_sum, float(tokens)])
     seconds = time.perf_counter() - start
-    skipped_samples = sum(getattr(s.parts.loader, "skipped", dict)().values())
+    skipped = skip_counts(s)
     flops = step_flops(s.n_trainable, s.n_frozen, tokens_total)
     return {
         "loss": loss_total / (cfg.deepspeed.grad_accum * s.dist.world_size),
         "lr": lr,
-        "grad_norm": _grad_norm(engine),
+        "grad_norm": _grad_norm(engine, own_norm),
         "tokens": int(tokens_total),
         "tokens_per_s": tokens_total / seconds,
         "mfu": flops / (seconds * cfg.logging.peak_flops * s.dist.world_size),
         "step_time_s": seconds,
-        "skipped": skipped_samples + s.nonfinite,
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": skipped,
         "batch_crc": crc,
     }
 
 
-def _grad_norm(engine) -> float | None:
+def _needs_own_grad_norm(engine) -> bool:
+    """DeepSpeed keeps no norm under ZeRO 0 in fp32 (it clips with ``clip_fp32_gradients`` and
+    drops the value); there the full gradients sit on the parameters, reduced over ranks."""
+    return (engine.zero_optimization_stage() == 0
+            and not (engine.bfloat16_enabled() or engine.fp16_enabled()))
+
+
+def gradient_norm(module: torch.nn.Module) -> float:
+    """L2 norm over the gradients of all trainable parameters (as one vector)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters()
+             if p.requires_grad and p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _grad_norm(engine, own_norm: float | None) -> float | None:
+    """The optimizer step's gradient norm before clipping: DeepSpeed's where it computes one
+    (ZeRO 1-3, bf16), ours otherwise."""
     norm = engine.get_global_grad_norm()
     if norm is None:
-        return None
+        return own_norm
     return float(norm)
+
+
+def skip_counts(s: Session) -> dict[str, int]:
+    """Samples dropped so far on all ranks by reason, plus ``nonfinite_loss`` micro-batches."""
+    counts = sum_counts(getattr(s.parts.loader, "skipped", dict)())
+    if s.nonfinite:
+        counts["nonfinite_loss"] = s.nonfinite
+    return dict(sorted(counts.items()))
 
 
 def save_checkpoint(s: Session) -> str:
@@ -188,12 +232,16 @@ def save_checkpoint(s: Session) -> str:
 def train(s: Session) -> None:
     """Run optimizer steps until ``cfg.steps``, logging and checkpointing on schedule."""
     cfg = s.cfg
+    metrics = None
     while s.step < cfg.steps:
         metrics = train_step(s)
         if s.step % cfg.logging.every == 0 or s.step == cfg.steps:
             s.logger.log_step(s.step, metrics)
         if s.step % cfg.checkpoint.every == 0 or s.step == cfg.steps:
             save_checkpoint(s)
+    skipped = skip_counts(s)
+    s.logger.event("summary", step=s.step, last_loss=metrics["loss"] if metrics else None,
+                   skipped=sum(skipped.values()), skipped_by_reason=skipped)
 
 
 def export(s: Session) -> str:
@@ -201,17 +249,14 @@ def export(s: Session) -> str:
     import deepspeed
 
     final = os.path.join(s.cfg.run_dir, FINAL_DIR)
-    tmp = final + ".tmp"
     module = s.engine.module
     params = list(module.parameters())
     gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
               if s.cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext())
     with gather:
         if s.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            s.parts.export(module, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
+            with atomic_directory(final) as tmp:
+                s.parts.export(module, tmp)
     barrier()
     s.logger.event("export", path=final)
     return final

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPVisionModel, SiglipVisionModel
 
 from data_pipelines.loading import SourceConfig, build_loader
+from flamingo_kit.backbones import require_local_dir
 from flamingo_kit.from_scratch import image_processor as make_image_processor
 from flamingo_kit.from_scratch import vision_config
 from flamingo_kit.processing import add_flamingo_tokens
@@ -99,11 +100,13 @@ def contrastive_loss(model, batch: Batch) -> torch.Tensor:
 def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
     """Pair-shard loader, dual encoder, and an export of the vision tower + image processor."""
     stage = cfg.contrastive
-    tokenizer = AutoTokenizer.from_pretrained(stage.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(require_local_dir(stage.tokenizer,
+                                                           "contrastive.tokenizer"))
     media_ids = tuple(add_flamingo_tokens(tokenizer))
     image_processor = make_image_processor(stage.vision.image_size)
     loader = build_loader(
-        [SourceConfig(name="pairs", kind="pairs", shards=stage.shards)], tokenizer,
+        [SourceConfig(name="pairs", kind="pairs", shards=stage.shards,
+                      allow_pipe=stage.allow_pipe, allow_remote=stage.allow_remote)], tokenizer,
         image_processor, batch_size=cfg.deepspeed.micro_batch_size, max_length=stage.max_length,
         max_images=1, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
         num_workers=stage.num_workers)

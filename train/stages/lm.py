@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_pipelines.tokenizer import train_tokenizer
 from flamingo_kit.from_scratch import lm_config
+from train.atomic import atomic_directory
 from train.config import TrainConfig
 from train.distributed import DistInfo, barrier
 from train.losses import weighted_lm_loss
@@ -43,13 +44,15 @@ def prepare_tokenizer(cfg: TrainConfig, docs: list[str], dist: DistInfo):
 
     Loading from disk on every rank, and on resume, guarantees identical ids everywhere. The
     media tokens are not added: like any real LM, this one does not know them, and the Flamingo
-    stage adds them beside the frozen vocabulary.
+    stage adds them beside the frozen vocabulary. The directory appears whole or not at all
+    (``train.atomic``), so a run killed while saving it trains it again on the next run.
     """
     directory = os.path.join(cfg.run_dir, TOKENIZER_DIR)
     if dist.is_main and not os.path.isdir(directory):
         tokenizer = train_tokenizer(docs, vocab_size=cfg.lm.tokenizer_vocab_size,
                                     add_media_tokens=False)
-        tokenizer.save_pretrained(directory)
+        with atomic_directory(directory) as tmp:
+            tokenizer.save_pretrained(tmp)
     barrier()
     return AutoTokenizer.from_pretrained(directory)
 
