@@ -9,11 +9,13 @@ from eval_fewshot.metrics import (
     cider_d,
     corpus_bleu,
     exact_match,
+    mean_vqa_accuracy,
     normalize_answer,
     tokenize_caption,
     top1_accuracy,
     vqa_accuracy,
 )
+from eval_fewshot.metrics.vqa import CONTRACTIONS
 
 
 def ten(n_match: int, answer: str = "2", other: str = "3") -> list[str]:
@@ -44,9 +46,53 @@ def test_vqa_normalisation_keeps_different_answers_apart(prediction, answer):
 
 
 def test_vqa_official_script_skips_normalisation_when_humans_agree():
-    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
-    assert vqa_accuracy("Yes", ["yes"] * 10, official_script=True) == 0.0
-    assert vqa_accuracy("Yes", ["yes"] * 9 + ["no"], official_script=True) == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10, mode="normalize_all") == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10, mode="official") == 0.0
+    assert vqa_accuracy("Yes", ["yes"] * 9 + ["no"], mode="official") == 1.0
+
+
+@pytest.mark.parametrize("prediction, answer", [("Yes.", "yes"), ("2.", "2"), ("the dog", "dog")])
+def test_vqa_default_is_the_official_script(prediction, answer):
+    """GT-Vision-Lab vqaEval.py processes answers only when the ten humans disagree."""
+    assert vqa_accuracy(prediction, [answer] * 10) == 0.0
+    assert mean_vqa_accuracy([prediction], [[answer] * 10]) == 0.0
+    assert vqa_accuracy(prediction, [answer] * 10, mode="normalize_all") == 1.0
+    assert mean_vqa_accuracy([prediction], [[answer] * 10], mode="normalize_all") == 1.0
+    assert vqa_accuracy(prediction, [answer] * 9 + ["cat"]) == 1.0  # humans disagree
+
+
+# Scores of the official script (GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/
+# vqaEval.py at a013f00, run under Python 3 on these inputs); ten answers each.
+OFFICIAL_CASES = [
+    ("Yes.", ["yes"] * 10, 0.0),
+    ("yes", ["yes"] * 10, 1.0),
+    ("Yes.", ["yes"] * 8 + ["no"] * 2, 1.0),
+    ("2.", ["2"] * 10, 0.0),
+    ("two", ["2"] * 7 + ["3"] * 3, 1.0),
+    ("the dog", ["dog"] * 10, 0.0),
+    ("the dog", ["dog"] * 2 + ["cat"] * 8, 0.6),
+    ("dont", ["don't"] * 4 + ["no"] * 6, 1.0),
+    ("'ow'sat", ["'ow's'at"] * 3 + ["x"] * 7, 0.9),
+    ("red/blue", ["red blue", "red"] * 5, 1.0),
+    ("1,000", ["1000"] * 3 + ["100"] * 7, 0.9),
+    ("3.5", ["35"] * 10, 0.0),
+    ("Red ", ["red"] * 1 + ["Red"] * 9, 1.0),
+]
+
+
+@pytest.mark.parametrize("prediction, answers, expected", OFFICIAL_CASES)
+def test_vqa_matches_official_script_outputs(prediction, answers, expected):
+    assert vqa_accuracy(prediction, answers) == pytest.approx(expected, abs=1e-12)
+
+
+def test_vqa_contraction_table_matches_official():
+    assert normalize_answer("'ow'sat") == "'ow's'at"
+    assert CONTRACTIONS["'ow'sat"] == "'ow's'at"
+
+
+def test_vqa_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="official"):
+        vqa_accuracy("a", ["a"], mode="lenient")
 
 
 def test_normalize_answer_rules():
