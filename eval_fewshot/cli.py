@@ -64,6 +64,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
+    from eval_fewshot.metrics.text import CAPTION_TOKENIZERS
     from eval_fewshot.metrics.vqa import VQA_MODES
     from eval_fewshot.tasks import task_names
 
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VQA accuracy: 'official' (default; GT-Vision-Lab vqaEval.py, answers "
                    "processed only when the ten humans disagree) or 'normalize_all' (every "
                    "answer processed, as OpenFlamingo's metric); also a task-config key")
+    p.add_argument("--caption-tokenizer", choices=CAPTION_TOKENIZERS,
+                   help="PTB tokenizer of CIDEr-D/BLEU: 'python' (default; our tokenizer, the "
+                   "tokens of the Java one pycocoevalcap runs on captions) or 'java' (that "
+                   "tokenizer itself; needs java and pycocoevalcap); also a task-config key")
     p.add_argument("--template", help="demonstration template, e.g. "
                    "'<image>Q: {question} A: {answer}<|endofchunk|>'")
     p.add_argument("--task-config", help="YAML/JSON file of reader options (and 'template')")
@@ -114,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def reader_options(args: argparse.Namespace) -> tuple[dict, dict]:
     """Reader options from ``--task-config`` then ``--option``, and the task settings found
-    there (``template``, ``vqa_mode``), which the command-line flags override."""
+    there (``template``, ``vqa_mode``, ``caption_tokenizer``), which the command-line flags
+    override."""
     from omegaconf import OmegaConf
 
     conf = OmegaConf.create({})
@@ -131,7 +137,7 @@ def reader_options(args: argparse.Namespace) -> tuple[dict, dict]:
         conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(args.option))
     options = OmegaConf.to_container(conf, resolve=True)
     settings = {key: options.pop(key, None)
-                for key in ("template", "vqa_mode")}
+                for key in ("template", "vqa_mode", "caption_tokenizer")}
     for key in settings:
         if getattr(args, key):
             settings[key] = getattr(args, key)

@@ -37,7 +37,9 @@ are given: ``--task-config configs/eval/{vizwiz,textvqa}_vqa_format.yaml``. Ever
 
 Scores are percentages (CIDEr-D x 100 as in the COCO papers); each metric says whether higher
 or lower is better, and which variant ran (:attr:`Metric.variant`): VQA accuracy is the
-official script's (``vqa_mode="official"``, or ``"normalize_all"``).
+official script's (``vqa_mode="official"``, or ``"normalize_all"``), CIDEr-D/BLEU-4 tokenise
+captions as pycocoevalcap does (``caption_tokenizer="python"``, our tokenizer giving its PTB
+tokens, or ``"java"``, its Java PTB tokenizer itself).
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ from eval_fewshot.metrics import (
     corpus_bleu,
     exact_match,
     mean_vqa_accuracy,
-    tokenize_caption,
     top1_accuracy,
+)
+from eval_fewshot.metrics.text import (
+    CAPTION_TOKENIZER_NOTES,
+    check_caption_tokenizer,
+    tokenize_captions,
 )
 from eval_fewshot.metrics.vqa import VQA_MODE_NOTES, check_vqa_mode
 from eval_fewshot.prompts import CAPTION_TEMPLATE, LABEL_TEMPLATE, VQA_TEMPLATE, PromptTemplate
@@ -126,16 +132,30 @@ class Task:
 # -- metrics over prediction records ----------------------------------------------------------
 
 
-def _cider(records: Records) -> float:
-    cands = [tokenize_caption(r["prediction"]) for r in records]
-    refs = [[tokenize_caption(x) for x in r["references"]] for r in records]
-    return 100 * cider_d(cands, refs)[0]
+def _tokenized(records: Records, tokenizer: str) -> tuple[list[str], list[list[str]]]:
+    """Predictions and references PTB-tokenised, each list in one batch as pycocoevalcap does."""
+    cands = tokenize_captions([r["prediction"] for r in records], tokenizer)
+    flat = iter(tokenize_captions([x for r in records for x in r["references"]], tokenizer))
+    return cands, [[next(flat) for _ in r["references"]] for r in records]
 
 
-def _bleu4(records: Records) -> float:
-    cands = [tokenize_caption(r["prediction"]) for r in records]
-    refs = [[tokenize_caption(x) for x in r["references"]] for r in records]
-    return 100 * corpus_bleu(cands, refs)[3]
+def caption_metric(name: str, tokenizer: str = "python") -> Metric:
+    """CIDEr-D (``name="cider"``) or BLEU-4 (``"bleu4"``) with captions tokenised by our Python
+    tokenizer or the Java PTB tokenizer (see :mod:`eval_fewshot.metrics.text`)."""
+    check_caption_tokenizer(tokenizer)
+    note = CAPTION_TOKENIZER_NOTES[tokenizer]
+
+    def cider(records: Records) -> float:
+        return 100 * cider_d(*_tokenized(records, tokenizer))[0]
+
+    def bleu4(records: Records) -> float:
+        return 100 * corpus_bleu(*_tokenized(records, tokenizer))[3]
+
+    if name == "cider":
+        return Metric("cider", "CIDEr-D", True, cider, f"ptb-{tokenizer}", note)
+    if name == "bleu4":
+        return Metric("bleu4", "BLEU-4", True, bleu4, f"ptb-{tokenizer}", note)
+    raise ValueError(f"no caption metric {name!r}; use cider or bleu4")
 
 
 def _chair(key: str) -> Callable[[Records], float]:
@@ -166,8 +186,8 @@ def _ranked(records: Records) -> float:
     return 100 * top1_accuracy([r["ranked"] for r in records], [r["label"] for r in records])
 
 
-CIDER = Metric("cider", "CIDEr-D", True, _cider)
-BLEU4 = Metric("bleu4", "BLEU-4", True, _bleu4)
+CIDER = caption_metric("cider")
+BLEU4 = caption_metric("bleu4")
 CHAIR_I = Metric("chair_i", "CHAIRi (halluc. objects %)", False, _chair("chair_i"))
 CHAIR_S = Metric("chair_s", "CHAIRs (halluc. captions %)", False, _chair("chair_s"))
 EXACT = Metric("exact_match", "exact match %", True, _exact)
@@ -262,6 +282,7 @@ def task_names() -> list[str]:
 # Metric settings of get_task: setting -> (names of the metrics it configures, builder).
 METRIC_SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str, str], Metric]]] = {
     "vqa_mode": (("vqa_accuracy",), lambda name, value: vqa_metric(value)),
+    "caption_tokenizer": (("cider", "bleu4"), caption_metric),
 }
 
 
@@ -270,7 +291,8 @@ def get_task(name: str, template: str | None = None, **settings: Any) -> Task:
 
     ``template`` must keep the task's answer placeholder (e.g. ``{answer}`` for VQA);
     ``settings`` may set ``max_new_tokens``, ``num_beams``, ``stop_strings``, ``selection``,
-    ``vqa_mode`` (``official`` or ``normalize_all``; VQA tasks).
+    ``vqa_mode`` (``official`` or ``normalize_all``; VQA tasks) and ``caption_tokenizer``
+    (``python`` or ``java``; captioning tasks).
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(task_names())}")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -280,11 +281,27 @@ def test_official_release_files_run_end_to_end(toy, tmp_path, capsys, task, writ
     """``--data`` pointed at a directory laid out as the official download, nothing renamed."""
     _, model = toy
     expected = writer(str(tmp_path / "data"))
-    run_cli(capsys, "--model", model, "--task", task, "--data", tmp_path / "data",
-            "--shots", "2", "--trials", "1", "--num-beams", "1", "--max-new-tokens", "3",
-            "--out", tmp_path / "out")
+    extra = []
+    if task == "coco" and shutil.which("java"):
+        extra = ["--caption-tokenizer", "java"]  # the reference tokenizer, where it can run
+    out = run_cli(capsys, "--model", model, "--task", task, "--data", tmp_path / "data",
+                  "--shots", "2", "--trials", "1", "--num-beams", "1", "--max-new-tokens", "3",
+                  "--out", tmp_path / "out", *extra)
     results = json.loads((tmp_path / "out" / f"{task}.json").read_text())
     predictions = results["results"][0]["trials"][0]["predictions"]
     assert len(predictions) == 3
     for p in predictions:
         assert p["references"] == expected[p["uid"]] and p["shots_used"] == 2
+    if task == "coco":
+        variant = "ptb-java" if extra else "ptb-python"
+        assert [m["variant"] for m in results["metrics"]] == [variant, variant]
+        assert f"CIDEr-D: {variant}" in out
+
+
+def test_java_tokenizer_without_java_is_a_one_line_error(toy, tmp_path, capsys, monkeypatch):
+    _, model = toy
+    write_coco_karpathy(str(tmp_path / "data"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    err = run_cli_error(capsys, "--model", model, "--task", "coco", "--data", tmp_path / "data",
+                        "--caption-tokenizer", "java", "--out", tmp_path)
+    assert "java" in err
