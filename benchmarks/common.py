@@ -30,6 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from flamingo_kit import from_scratch  # noqa: E402 (after the offline settings)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,8 +95,6 @@ def build_ours(shape: MatchedShape, seed: int = 0):
     """FlamingoModel: a Llama LM and a CLIP vision tower of ``shape``, all new parts trainable."""
     from transformers import AutoModelForCausalLM
 
-    from flamingo_kit import FlamingoConfig, FlamingoModel, from_scratch
-
     lm_cfg = from_scratch.lm_config(
         "llama", vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
         num_layers=shape.num_layers, num_heads=shape.num_heads,
@@ -108,7 +108,8 @@ def build_ours(shape: MatchedShape, seed: int = 0):
         hidden_size=shape.vision_hidden_size, num_layers=shape.vision_layers,
         num_heads=shape.vision_heads,
     )
-    config = FlamingoConfig(
+    return from_scratch.build_flamingo(
+        lm, vision, seed,
         cross_attn_every_n_layers=shape.cross_attn_every,
         perceiver_num_latents=shape.num_latents,
         perceiver_depth=shape.perceiver_depth,
@@ -120,8 +121,6 @@ def build_ours(shape: MatchedShape, seed: int = 0):
         image_token_id=shape.image_token_id,
         eoc_token_id=shape.eoc_token_id,
     )
-    seed_everything(seed)
-    return FlamingoModel.from_parts(lm, vision, config)
 
 
 def idefics_config(shape: MatchedShape):
@@ -170,12 +169,10 @@ def build_idefics(shape: MatchedShape, seed: int = 0):
     return IdeficsForVisionText2Text(idefics_config(shape)).eval()
 
 
-def open_gates(model: torch.nn.Module, value: float = 0.5) -> None:
-    """Set every tanh gate of either model, so cross-attention changes the output (as trained)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate", "alpha_cross_attn", "alpha_dense")):
-                param.fill_(value)
+# The gates of both models: ours (tanh gates) and IDEFICS' (``alpha_*``), opened to 0.5 so that
+# cross-attention changes the output, as trained (``flamingo_kit.from_scratch.open_gates``).
+GATES = from_scratch.GATES + ("alpha_cross_attn", "alpha_dense")
+GATE_VALUE = 0.5
 
 
 def trainable_count(model: torch.nn.Module) -> int:

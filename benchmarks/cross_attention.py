@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import (
+    GATE_VALUE,
+    GATES,
     MatchedShape,
     Runtime,
     add_common_args,
@@ -32,12 +34,12 @@ from benchmarks.common import (
     image_sweep,
     interleaved_ids,
     interleaved_medians,
-    open_gates,
     peak_memory_mib,
     seed_everything,
     setup_runtime,
     xattn_ff_mult,
 )
+from flamingo_kit.from_scratch import open_gates
 
 
 def build_blocks(shape: MatchedShape, seed: int):
@@ -51,7 +53,7 @@ def build_blocks(shape: MatchedShape, seed: int):
                                     shape.hidden_size // shape.num_heads, xattn_ff_mult(shape))
     theirs = IdeficsGatedCrossAttentionLayer(idefics_config(shape), layer_idx=0)
     for block in (ours, theirs):
-        open_gates(block)
+        open_gates(block, GATE_VALUE, GATES)
         block.eval()
     return ours, theirs
 

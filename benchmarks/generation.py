@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import (
+    GATE_VALUE,
+    GATES,
     Runtime,
     add_common_args,
     build_idefics,
@@ -28,12 +30,12 @@ from benchmarks.common import (
     format_table,
     interleaved_medians,
     model_inputs,
-    open_gates,
     peak_memory_mib,
     random_pixels,
     setup_runtime,
     to_device,
 )
+from flamingo_kit.from_scratch import open_gates
 
 MODELS = ("ours", "idefics")
 
@@ -60,7 +62,7 @@ def run(rt: Runtime, shots: list[int], batch_size: int, new_tokens: int, caption
     """Measure both models at every shot count; returns ``{(model, shots): numbers}``."""
     models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
     for model in models.values():
-        open_gates(model)  # trained-looking gates: cross-attention is not skipped as zero
+        open_gates(model, GATE_VALUE, GATES)  # trained-looking gates: cross-attention is not skipped as zero
         model.to(rt.device, rt.dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     results = {}

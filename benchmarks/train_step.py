@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.common import (
+    GATE_VALUE,
+    GATES,
     Runtime,
     add_common_args,
     build_idefics,
@@ -29,13 +31,13 @@ from benchmarks.common import (
     interleaved_ids,
     interleaved_medians,
     model_inputs,
-    open_gates,
     peak_memory_mib,
     random_pixels,
     setup_runtime,
     to_device,
     trainable_count,
 )
+from flamingo_kit.from_scratch import open_gates
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, image_token_id: int):
@@ -67,7 +69,7 @@ def run(rt: Runtime, images: list[int], batch_size: int, seq_len: int,
     """Time both models at every image count; returns ``{(model, images): numbers}``."""
     models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
     for model in models.values():
-        open_gates(model)
+        open_gates(model, GATE_VALUE, GATES)
         model.to(rt.device, rt.dtype).train()
     generator = torch.Generator().manual_seed(seed)
     results = {}

@@ -8,10 +8,16 @@ from safetensors.torch import load_file, save_file
 
 from flamingo_kit import FlamingoModel
 from flamingo_kit.cross_attention import MediaLayout, cross_attend
-from flamingo_kit.from_scratch import LM_FAMILIES, build_lm, build_vision
+from flamingo_kit.from_scratch import (
+    LM_FAMILIES,
+    TINY_FLAMINGO,
+    build_lm,
+    build_vision,
+    open_gates,
+)
 from flamingo_kit.lm_integration import find_decoder_layers
 from flamingo_kit.media import media_state
-from tests.conftest import build_model, open_gates, randomize_all
+from tests.conftest import build_model, randomize_all
 
 IMG = 300  # <image> id of the test tokenizer / tiny models
 
@@ -68,7 +74,6 @@ def _lm_of(family: str, seed: int = 0, **config):
 def test_soft_capped_lm_keeps_its_own_logits():
     """Gemma 2 soft-caps its logits in its causal-LM class: ours are capped the same way."""
     from flamingo_kit import FlamingoConfig
-    from tests.conftest import TINY_FLAMINGO
 
     cap = 0.05  # far below the logits' scale, so a missing cap shows
     model = FlamingoModel.from_parts(_lm_of("gemma2", final_logit_softcapping=cap),
@@ -102,7 +107,6 @@ def test_lm_that_rescales_its_logits_keeps_its_own_logits(family, scaling):
     logits, and the media tokens' logits are rescaled alike: they equal those of the same LM
     whose head holds the media tokens' (randomised) rows."""
     from flamingo_kit import FlamingoConfig
-    from tests.conftest import TINY_FLAMINGO
 
     model = FlamingoModel.from_parts(_lm_of(family, **scaling), build_vision(),
                                      FlamingoConfig(**TINY_FLAMINGO)).eval()
@@ -311,7 +315,6 @@ def test_save_load_with_lora_and_local_parts(tmp_path):
     lm.save_pretrained(tmp_path / "lm_src")
     build_vision("siglip").save_pretrained(tmp_path / "vision_src")
     from flamingo_kit import FlamingoConfig
-    from tests.conftest import TINY_FLAMINGO
 
     config = FlamingoConfig(**TINY_FLAMINGO, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
     model = FlamingoModel.from_parts(tmp_path / "lm_src", tmp_path / "vision_src", config)
@@ -386,7 +389,6 @@ def test_bad_inputs_fail_clearly():
 @pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])
 def test_cross_attention_interval(every_n, wrapped):
     from flamingo_kit import FlamingoConfig, FlamingoModel
-    from tests.conftest import TINY_FLAMINGO
 
     lm = build_lm("llama", vocab_size=300, num_layers=4)
     config = FlamingoConfig(**{**TINY_FLAMINGO, "cross_attn_every_n_layers": every_n})
