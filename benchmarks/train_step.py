@@ -37,14 +37,15 @@ from benchmarks.common import (
     to_device,
     trainable_count,
 )
+from flamingo_kit.batching import IGNORE_INDEX
 from flamingo_kit.from_scratch import open_gates
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, image_token_id: int):
     """Mean CE of predicting each next token, ``<image>`` targets ignored (fp32)."""
-    labels = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == image_token_id, -100)
+    labels = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == image_token_id, IGNORE_INDEX)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=-100)
+                           ignore_index=IGNORE_INDEX)
 
 
 def train_step_fn(model: torch.nn.Module, batch: dict, image_token_id: int,

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from flamingo_kit.backbones import VisionEncoder, load_lm, load_vision
+from flamingo_kit.batching import IGNORE_INDEX
 from flamingo_kit.config import FlamingoConfig
 from flamingo_kit.cross_attention import GatedCrossAttentionBlock
 from flamingo_kit.generation import GenerationMixin
@@ -59,11 +60,11 @@ class FlamingoOutput(ModelOutput):
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy (fp32) over labels that are not -100 nor padding."""
+    """Mean next-token cross-entropy (fp32) over labels that are not IGNORE_INDEX nor padding."""
     if attention_mask is not None:
-        labels = labels.masked_fill(attention_mask == 0, -100)
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
     )
 
 
@@ -270,8 +271,8 @@ class FlamingoModel(GenerationMixin, nn.Module):
         if labels.shape != attention_mask.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
                              f"{tuple(attention_mask.shape)}")
-        labels = labels.masked_fill(attention_mask == 0, -100)
-        return F.pad(labels, (1, 0), value=-100)
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return F.pad(labels, (1, 0), value=IGNORE_INDEX)
 
     # -- saving and loading -----------------------------------------------------------------
 
