@@ -13,7 +13,6 @@ Run: ``python -m benchmarks.generation [--device cuda --dtype bf16] [--threads 2
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
@@ -23,18 +22,19 @@ from benchmarks.common import (
     GATE_VALUE,
     GATES,
     Runtime,
-    add_common_args,
+    benchmark_parser,
     build_idefics,
     build_ours,
     few_shot_ids,
-    format_table,
     interleaved_medians,
     model_inputs,
     peak_memory_mib,
     random_pixels,
     setup_runtime,
     to_device,
+    warm_up,
 )
+from eval_fewshot.report import markdown_table
 from flamingo_kit.from_scratch import open_gates
 
 MODELS = ("ours", "idefics")
@@ -51,9 +51,9 @@ def generate_fn(kind: str, model, batch: dict, new_tokens: int) -> Callable[[], 
     )[:, prompt_len:]
 
 
-def check_length(kind: str, out: torch.Tensor, batch: dict, new_tokens: int) -> None:
+def check_length(kind: str, out: torch.Tensor, ids: torch.Tensor, new_tokens: int) -> None:
     """Both models must generate exactly ``new_tokens`` per row, or the rates are not comparable."""
-    if out.shape != (batch["input_ids"].shape[0], new_tokens):
+    if out.shape != (ids.shape[0], new_tokens):
         raise RuntimeError(f"{kind} generated {tuple(out.shape)}, expected {new_tokens} tokens")
 
 
@@ -62,7 +62,7 @@ def run(rt: Runtime, shots: list[int], batch_size: int, new_tokens: int, caption
     """Measure both models at every shot count; returns ``{(model, shots): numbers}``."""
     models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
     for model in models.values():
-        open_gates(model, GATE_VALUE, GATES)  # trained-looking gates: cross-attention is not skipped as zero
+        open_gates(model, GATE_VALUE, GATES)  # trained-looking: cross-attention is not skipped
         model.to(rt.device, rt.dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     results = {}
@@ -75,10 +75,9 @@ def run(rt: Runtime, shots: list[int], batch_size: int, new_tokens: int, caption
                 batch = to_device(model_inputs(kind, ids, pixels, rt.shape), rt.device, rt.dtype)
                 full[kind] = generate_fn(kind, model, batch, new_tokens)
                 prompt_only[kind] = generate_fn(kind, model, batch, 1)
-                # First calls pay one-off allocation and dispatch costs.
-                for _ in range(rt.warmup if i == 0 else 0):
-                    full[kind]()
-                check_length(kind, full[kind](), batch, new_tokens)
+            # The first shot count also pays the one-off costs; each call is checked once.
+            for kind, out in warm_up(full, 1 + rt.warmup if i == 0 else 1).items():
+                check_length(kind, out, ids, new_tokens)
             seconds = interleaved_medians(full, rt.device, rt.repeats)
             prompt_seconds = interleaved_medians(prompt_only, rt.device, rt.repeats)
             for kind in models:
@@ -98,7 +97,7 @@ def report(results: dict, shots: list[int], batch_size: int, new_tokens: int) ->
         rows.append([k, k + 1, ours["prompt_len"], tps[0], tps[1], tps[0] / tps[1],
                      1e3 * ours["per_token"], 1e3 * theirs["per_token"],
                      ours["memory"], theirs["memory"]])
-    table = format_table(
+    table = markdown_table(
         ["shots", "images", "prompt tokens", "ours tok/s", "IDEFICS tok/s", "speedup",
          "ours ms/new tok", "IDEFICS ms/new tok", "ours peak MiB", "IDEFICS peak MiB"], rows)
     lines = [table]
@@ -114,20 +113,15 @@ def report(results: dict, shots: list[int], batch_size: int, new_tokens: int) ->
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the table, return the raw results."""
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--shots", default="0,4,8,32", help="comma-separated shot counts")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--caption-len", type=int, default=10, help="text tokens per demo")
     parser.add_argument("--query-len", type=int, default=3, help="text tokens after query image")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark, print the table, return the raw results."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     rt = setup_runtime(args)
     shots = [int(k) for k in args.shots.split(",")]
     new_tokens, batch_size = args.new_tokens, args.batch_size

@@ -12,7 +12,6 @@ Run: ``python -m benchmarks.train_step [--device cuda --dtype bf16] [--threads 2
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
@@ -23,11 +22,10 @@ from benchmarks.common import (
     GATE_VALUE,
     GATES,
     Runtime,
-    add_common_args,
     build_idefics,
     build_ours,
-    format_table,
     image_sweep,
+    image_sweep_parser,
     interleaved_ids,
     interleaved_medians,
     model_inputs,
@@ -36,7 +34,9 @@ from benchmarks.common import (
     setup_runtime,
     to_device,
     trainable_count,
+    warm_up,
 )
+from eval_fewshot.report import markdown_table
 from flamingo_kit.batching import IGNORE_INDEX
 from flamingo_kit.from_scratch import open_gates
 
@@ -81,8 +81,7 @@ def run(rt: Runtime, images: list[int], batch_size: int, seq_len: int,
         for kind, model in models.items():
             batch = to_device(model_inputs(kind, ids, pixels, rt.shape), rt.device, rt.dtype)
             steps[kind] = train_step_fn(model, batch, rt.shape.image_token_id)
-            for _ in range(max(rt.warmup, 1)):  # also creates the optimizer state
-                loss = steps[kind]()
+        for kind, loss in warm_up(steps, rt.warmup).items():  # also creates the optimizer state
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{kind}: non-finite loss {float(loss)} at {n} images")
         seconds = interleaved_medians(steps, rt.device, rt.repeats)
@@ -104,7 +103,7 @@ def report(results: dict, images: list[int], batch_size: int, seq_len: int) -> s
                      ours["memory"] / theirs["memory"],
                      batch_size * seq_len / ours["seconds"],
                      batch_size * seq_len / theirs["seconds"]])
-    lines = [format_table(
+    lines = [markdown_table(
         ["images/seq", "ours ms/step", "IDEFICS ms/step", "speedup (IDEFICS/ours time)",
          "ours peak MiB", "IDEFICS peak MiB", "memory ours/IDEFICS", "ours tok/s",
          "IDEFICS tok/s"], rows)]
@@ -117,18 +116,9 @@ def report(results: dict, images: list[int], batch_size: int, seq_len: int) -> s
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--images", default="1,4,16,32", help="images per sequence, comma-separated")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table, return the raw results."""
-    args = parse_args(argv)
+    args = image_sweep_parser(__doc__, images="1,4,16,32", seq_len=256).parse_args(argv)
     rt = setup_runtime(args)
     images, batch_size, seq_len = image_sweep(args)
     print(rt.header(f"train step (forward + loss + backward + AdamW), batch {batch_size} x "

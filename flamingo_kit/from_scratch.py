@@ -6,11 +6,15 @@ toy and the benchmarks build their small models with the same functions, so ever
 toolkit can be exercised without a checkpoint. ``lm_config`` speaks one vocabulary of
 size/depth knobs across LM families, so the same test runs on all of them; ``build_flamingo``
 joins two such parts with the small sizes of :data:`TINY_FLAMINGO`, and ``open_gates`` makes
-its cross-attention count, as it does once trained.
+its cross-attention count, as it does once trained. ``seed_everything`` is the one seeding of
+Python, numpy and torch (the trainer's and the benchmarks').
 """
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -28,6 +32,13 @@ from flamingo_kit.config import FlamingoConfig
 from flamingo_kit.modeling import FlamingoModel
 
 LM_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "opt", "gpt_neox", "phi", "mpt")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices), so weights, dropout and data order repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def lm_config(
