@@ -167,6 +167,16 @@ GATES = from_scratch.GATES + ("alpha_cross_attn", "alpha_dense")
 GATE_VALUE = 0.5
 
 
+def matched_models(rt: Runtime, seed: int, train: bool) -> dict[str, torch.nn.Module]:
+    """``{"ours": ..., "idefics": ...}`` of ``rt.shape``, gates opened, on ``rt``'s device and
+    dtype, in training or eval mode."""
+    models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
+    for model in models.values():
+        from_scratch.open_gates(model, GATE_VALUE, GATES)
+        model.to(rt.device, rt.dtype).train(train)
+    return models
+
+
 def trainable_count(model: torch.nn.Module) -> int:
     """Number of trainable scalars (both models must agree up to their structural difference)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -255,6 +265,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device,
             for k, v in batch.items()}
 
 
+def matched_inputs(rt: Runtime, input_ids: torch.Tensor,
+                   pixels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Each model's keyword arguments (:func:`model_inputs`) on ``rt``'s device and dtype."""
+    return {kind: to_device(model_inputs(kind, input_ids, pixels, rt.shape), rt.device, rt.dtype)
+            for kind in ("ours", "idefics")}
+
+
 # -- timing and memory ----------------------------------------------------------------------
 
 
@@ -298,6 +315,22 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], device: torch.de
         for name, fn in calls.items():
             times[name].append(seconds(fn, device))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure(calls: dict[str, Callable[[], object]], rt: Runtime, warmup: int,
+            memory: bool = True) -> dict[str, dict[str, object]]:
+    """Per call: ``seconds`` (median), ``memory`` (peak MiB) and ``output`` (for checks).
+
+    The calls are warmed up (:func:`warm_up`, ``warmup`` runs each, at least one), timed in turn
+    in every one of ``rt.repeats`` (:func:`interleaved_medians`), then each one's peak memory is
+    measured in an untimed pass (NaN with ``--no-memory`` or ``memory=False``).
+    """
+    outputs = warm_up(calls, warmup)
+    seconds = interleaved_medians(calls, rt.device, rt.repeats)
+    return {name: {"seconds": seconds[name], "output": outputs[name],
+                   "memory": peak_memory_mib(fn, rt.device) if memory and rt.memory
+                   else float("nan")}
+            for name, fn in calls.items()}
 
 
 class _TensorBytesTracker(TorchDispatchMode):

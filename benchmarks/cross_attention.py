@@ -31,10 +31,8 @@ from benchmarks.common import (
     image_sweep,
     image_sweep_parser,
     interleaved_ids,
-    interleaved_medians,
-    peak_memory_mib,
+    measure,
     setup_runtime,
-    warm_up,
     xattn_ff_mult,
 )
 from eval_fewshot.report import markdown_table
@@ -109,12 +107,9 @@ def run(rt: Runtime, images: list[int], batch_size: int, seq_len: int,
                                   rt.shape.hidden_size, generator=generator)
             hidden, latents = (x.to(rt.device, rt.dtype) for x in (hidden, latents))
             calls = layer_calls(ours, theirs, rt.shape, ids, hidden, latents)
-            warm_up(calls, rt.warmup)
-            seconds = interleaved_medians(calls, rt.device, rt.repeats)
-            for name, call in calls.items():
-                memory = peak_memory_mib(call, rt.device) if rt.memory else float("nan")
-                results[name, n] = {"per_token": seconds[name] / (batch_size * seq_len),
-                                    "memory": memory}
+            for name, numbers in measure(calls, rt, rt.warmup).items():
+                results[name, n] = {"per_token": numbers["seconds"] / (batch_size * seq_len),
+                                    "memory": numbers["memory"]}
     return results
 
 

@@ -19,23 +19,16 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import (
-    GATE_VALUE,
-    GATES,
     Runtime,
     benchmark_parser,
-    build_idefics,
-    build_ours,
     few_shot_ids,
-    interleaved_medians,
-    model_inputs,
-    peak_memory_mib,
+    matched_inputs,
+    matched_models,
+    measure,
     random_pixels,
     setup_runtime,
-    to_device,
-    warm_up,
 )
 from eval_fewshot.report import markdown_table
-from flamingo_kit.from_scratch import open_gates
 
 MODELS = ("ours", "idefics")
 
@@ -60,31 +53,26 @@ def check_length(kind: str, out: torch.Tensor, ids: torch.Tensor, new_tokens: in
 def run(rt: Runtime, shots: list[int], batch_size: int, new_tokens: int, caption_len: int,
         query_len: int, seed: int) -> dict[tuple[str, int], dict[str, float]]:
     """Measure both models at every shot count; returns ``{(model, shots): numbers}``."""
-    models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
-    for model in models.values():
-        open_gates(model, GATE_VALUE, GATES)  # trained-looking: cross-attention is not skipped
-        model.to(rt.device, rt.dtype).eval()
+    models = matched_models(rt, seed, train=False)
     generator = torch.Generator().manual_seed(seed)
     results = {}
     with torch.inference_mode():
         for i, k in enumerate(tqdm(shots, desc="shot counts", leave=False)):
             ids = few_shot_ids(rt.shape, batch_size, k, caption_len, query_len, generator)
-            pixels = random_pixels(rt.shape, batch_size, k + 1, generator)
-            full, prompt_only = {}, {}
-            for kind, model in models.items():
-                batch = to_device(model_inputs(kind, ids, pixels, rt.shape), rt.device, rt.dtype)
-                full[kind] = generate_fn(kind, model, batch, new_tokens)
-                prompt_only[kind] = generate_fn(kind, model, batch, 1)
+            batches = matched_inputs(rt, ids, random_pixels(rt.shape, batch_size, k + 1, generator))
+            full = {kind: generate_fn(kind, model, batches[kind], new_tokens)
+                    for kind, model in models.items()}
+            prompt_only = {kind: generate_fn(kind, model, batches[kind], 1)
+                           for kind, model in models.items()}
             # The first shot count also pays the one-off costs; each call is checked once.
-            for kind, out in warm_up(full, 1 + rt.warmup if i == 0 else 1).items():
-                check_length(kind, out, ids, new_tokens)
-            seconds = interleaved_medians(full, rt.device, rt.repeats)
-            prompt_seconds = interleaved_medians(prompt_only, rt.device, rt.repeats)
+            whole = measure(full, rt, 1 + rt.warmup if i == 0 else 1)
+            prompt = measure(prompt_only, rt, 1, memory=False)
             for kind in models:
-                per_token = (seconds[kind] - prompt_seconds[kind]) / max(new_tokens - 1, 1)
-                memory = peak_memory_mib(full[kind], rt.device) if rt.memory else float("nan")
-                results[kind, k] = {"seconds": seconds[kind], "per_token": per_token,
-                                    "memory": memory, "prompt_len": ids.shape[1]}
+                check_length(kind, whole[kind]["output"], ids, new_tokens)
+                seconds = whole[kind]["seconds"]
+                per_token = (seconds - prompt[kind]["seconds"]) / max(new_tokens - 1, 1)
+                results[kind, k] = {"seconds": seconds, "per_token": per_token,
+                                    "memory": whole[kind]["memory"], "prompt_len": ids.shape[1]}
     return results
 
 

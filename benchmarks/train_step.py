@@ -19,26 +19,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.common import (
-    GATE_VALUE,
-    GATES,
     Runtime,
-    build_idefics,
-    build_ours,
     image_sweep,
     image_sweep_parser,
     interleaved_ids,
-    interleaved_medians,
-    model_inputs,
-    peak_memory_mib,
+    matched_inputs,
+    matched_models,
+    measure,
     random_pixels,
     setup_runtime,
-    to_device,
     trainable_count,
-    warm_up,
 )
 from eval_fewshot.report import markdown_table
 from flamingo_kit.batching import IGNORE_INDEX
-from flamingo_kit.from_scratch import open_gates
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, image_token_id: int):
@@ -68,26 +61,21 @@ def train_step_fn(model: torch.nn.Module, batch: dict, image_token_id: int,
 def run(rt: Runtime, images: list[int], batch_size: int, seq_len: int,
         seed: int) -> dict[tuple[str, int], dict[str, float]]:
     """Time both models at every image count; returns ``{(model, images): numbers}``."""
-    models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
-    for model in models.values():
-        open_gates(model, GATE_VALUE, GATES)
-        model.to(rt.device, rt.dtype).train()
+    models = matched_models(rt, seed, train=True)
     generator = torch.Generator().manual_seed(seed)
     results = {}
     for n in tqdm(images, desc="images per sequence", leave=False):
         ids = interleaved_ids(rt.shape, batch_size, n, seq_len, generator)
         pixels = random_pixels(rt.shape, batch_size, n, generator)
-        steps = {}
-        for kind, model in models.items():
-            batch = to_device(model_inputs(kind, ids, pixels, rt.shape), rt.device, rt.dtype)
-            steps[kind] = train_step_fn(model, batch, rt.shape.image_token_id)
-        for kind, loss in warm_up(steps, rt.warmup).items():  # also creates the optimizer state
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{kind}: non-finite loss {float(loss)} at {n} images")
-        seconds = interleaved_medians(steps, rt.device, rt.repeats)
-        for kind, step in steps.items():
-            memory = peak_memory_mib(step, rt.device) if rt.memory else float("nan")
-            results[kind, n] = {"seconds": seconds[kind], "memory": memory}
+        batches = matched_inputs(rt, ids, pixels)
+        steps = {kind: train_step_fn(model, batches[kind], rt.shape.image_token_id)
+                 for kind, model in models.items()}
+        # The warm-up also creates the optimizer state.
+        for kind, numbers in measure(steps, rt, rt.warmup).items():
+            if not torch.isfinite(numbers["output"]):
+                raise RuntimeError(f"{kind}: non-finite loss {float(numbers['output'])} at "
+                                   f"{n} images")
+            results[kind, n] = {"seconds": numbers["seconds"], "memory": numbers["memory"]}
     for kind, model in models.items():
         results[kind, "trainable"] = trainable_count(model)
     return results

@@ -88,14 +88,8 @@ def build_lm(family: str = "llama", seed: int = 0, **shape) -> PreTrainedModel:
     return model.eval()
 
 
-def vision_config(
-    kind: str = "clip",
-    image_size: int = 32,
-    patch_size: int = 8,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-) -> PretrainedConfig:
+def vision_config(kind: str = "clip", image_size: int = 32, patch_size: int = 8,
+                  hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4) -> PretrainedConfig:
     """A CLIP or SigLIP vision-tower config of the given shape."""
     kw = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
               num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -25,6 +25,7 @@ CORPUS = [
     "The cat sits on the mat. It is small.",
 ] * 20
 
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """A 300-piece BPE tokenizer (ids 300/301 are <image>/<|endofchunk|>)."""
