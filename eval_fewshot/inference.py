@@ -23,6 +23,14 @@ from flamingo_kit.processing import IMAGE_TOKEN
 IMAGE_CACHE_SIZE = 4096
 
 
+class TokenBoundaryError(ValueError):
+    """A query tokenises differently after the shared context than inside the whole prompt.
+
+    Then a prefilled context cannot be reused without changing the model's input; the evaluator
+    catches exactly this error and runs such prompts whole.
+    """
+
+
 def cut_answer(text: str, stop_strings: Sequence[str] = ()) -> str:
     """The answer part of a generation: up to a newline or any of ``stop_strings``."""
     pattern = "|".join(["\n", *map(re.escape, stop_strings)])
@@ -120,15 +128,15 @@ class FewShotModel:
     ) -> tuple[list[int], list[list[int]]]:
         """Token ids of a shared context and of each query continuing it.
 
-        Raises ``ValueError`` when tokenising separately differs from tokenising the whole
-        prompt (then prefix reuse would change the model's input).
+        Raises :class:`TokenBoundaryError` when tokenising separately differs from tokenising
+        the whole prompt (then prefix reuse would change the model's input).
         """
         prefix = self.tokenizer(context, add_special_tokens=True)["input_ids"]
         rest = self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]
         whole = self.tokenizer([context + q for q in queries], add_special_tokens=True)["input_ids"]
         for q, r, w in zip(queries, rest, whole):
             if prefix + r != w:
-                raise ValueError(f"query {q!r} does not tokenise the same after the context")
+                raise TokenBoundaryError(f"query {q!r} does not tokenise the same after the context")
         return prefix, rest
 
     @torch.no_grad()

@@ -10,15 +10,17 @@ from typing import Any
 def format_table(results: dict[str, Any]) -> str:
     """A plain-text table: one row per shot count, ``mean ± std`` per metric.
 
-    Headers carry the metric direction (↑ higher is better, ↓ lower is better); a footer line
-    says how many trials and queries each number averages.
+    ``shots`` is the count asked for and ``used`` the mean number of demonstrations the prompts
+    held (fewer when they had to fit the context). Headers carry the metric direction (↑ higher
+    is better, ↓ lower is better); footer lines say how many trials and queries each number
+    averages and which variant of a metric ran.
     """
     metrics = results["metrics"]
-    headers = ["shots"] + [f"{m['label']} {'↑' if m['higher_is_better'] else '↓'}"
-                           for m in metrics]
+    headers = ["shots", "used"] + [f"{m['label']} {'↑' if m['higher_is_better'] else '↓'}"
+                                   for m in metrics]
     rows = []
     for r in results["results"]:
-        cells = [str(r["shots"])]
+        cells = [str(r["shots"]), f"{r['shots_used']['mean']:.1f}"]
         cells += [f"{r['mean'][m['name']]:.2f} ± {r['std'][m['name']]:.2f}" for m in metrics]
         rows.append(cells)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
@@ -32,6 +34,7 @@ def format_table(results: dict[str, Any]) -> str:
            "-+-".join("-" * w for w in widths)] + [line(row) for row in rows]
     out.append(f"mean ± std over {len(first['trials'])} trial(s) of {n_queries} queries; "
                f"selection: {results['config']['selection']}")
+    out += [f"{m['label']}: {m['variant']} ({m['note']})" for m in metrics if m.get("variant")]
     return "\n".join(out)
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from benchmarks import common, cross_attention, generation, train_step
+from benchmarks import common, cross_attention, generation, ptb_tokenizer, train_step
+from eval_fewshot.metrics.java_ptb import java_available
 
 SMOKE = ["--smoke", "--threads", "1"]
 
@@ -114,3 +115,12 @@ def test_peak_memory_counts_live_tensors():
         return kept
 
     assert common.peak_memory_mib(allocate, torch.device("cpu")) == pytest.approx(3.0)
+
+
+def test_ptb_tokenizer_benchmark_counts_agreement():
+    if not java_available():
+        pytest.skip("java is not installed: the benchmark compares with the Java tokenizer")
+    results = ptb_tokenizer.main(["--captions", "40", "--hard", "20"])
+    captions = results["COCO-style captions"]
+    assert captions["strings"] == captions["scored"] == captions["raw"] == 40
+    assert 0 < results["hard strings"]["scored"] <= 20
