@@ -109,6 +109,10 @@ def resolve_config(generation_config: GenerationConfig | None,
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}: neither "
                         "arguments of FlamingoModel.generate nor GenerationConfig fields")
     check_supported(config)
+    for name in ("num_beams", "num_return_sequences"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return config, default_length
 
 
@@ -177,8 +181,9 @@ class DecodingPlan:
             if max_positions is not None:
                 config.max_length = min(config.max_length, max_positions)
         if config.max_length <= prompt_len:
+            limit = " (the LM's max_position_embeddings)" if default_length else ""
             raise ValueError(f"the prompt has {prompt_len} tokens (cached prefix included) but "
-                             f"max_length is {config.max_length}: set max_new_tokens instead")
+                             f"max_length is {config.max_length}{limit}: nothing to generate")
         if config.min_new_tokens is not None:
             config.min_length = prompt_len + config.min_new_tokens
         # Left padding the processors must not count (as transformers does, from the mask).

@@ -85,6 +85,7 @@ CASES = {  # strategy, options that must change its output
     "greedy bad_words_ids": (GREEDY, dict(bad_words_ids=[[5], [105, 197]])),
     "greedy sequence_bias, suppress_tokens": (GREEDY, dict(sequence_bias={(5, 5): -9.0},
                                                            suppress_tokens=[154])),
+    "greedy max_length (whole prompt + new)": (GREEDY, dict(max_new_tokens=None, max_length=92)),
     "greedy exponential_decay_length_penalty": (GREEDY, dict(
         exponential_decay_length_penalty=(2, 3.0))),
     "beams": (BEAMS, {}),
@@ -337,6 +338,18 @@ def test_num_return_sequences_shapes(setup):
 ])
 def test_options_it_cannot_honour_raise_naming_them(setup, options, named):
     with pytest.raises(ValueError, match="cannot honour " + named.replace("(", r"\(")):
+        setup["model"].generate(**setup["whole"], **options)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_beams=0), "num_beams must be an integer >= 1, got 0"),
+    (dict(num_return_sequences=0, do_sample=True), "num_return_sequences must be an integer"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(max_length=5), r"prompt has 86 tokens \(cached prefix included\) but max_length is 5"),
+])
+def test_bad_values_raise_naming_them(setup, options, message):
+    with pytest.raises(ValueError, match=message):
         setup["model"].generate(**setup["whole"], **options)
 
 
