@@ -23,6 +23,7 @@ that names the argument or file (exit status 2).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import NoReturn
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=positive_int,
                    help="token budget of a prompt (default: LM's); prompts drop their oldest "
                    "demonstrations to fit, which the table's 'used' column shows")
+    p.add_argument("--generation-config", metavar="FILE.json",
+                   help="transformers GenerationConfig fields as a JSON object, e.g. "
+                   '{"repetition_penalty": 1.2, "no_repeat_ngram_size": 3}; --num-beams and '
+                   "--max-new-tokens override its values, its values the task's")
     p.add_argument("--strict-shots", action="store_true",
                    help="fail instead of warning when a prompt holds fewer shots than asked")
     p.add_argument("--vqa-mode", choices=VQA_MODES,
@@ -144,6 +149,39 @@ def reader_options(args: argparse.Namespace) -> tuple[dict, dict]:
     return options, settings
 
 
+def read_generation_config(path: str | None):
+    """The ``GenerationConfig`` in JSON file ``path`` (None without one), checked before any
+    model work: a missing or malformed file, an unknown field or an option ``generate``
+    cannot honour raises ``ValueError`` naming the file and the field."""
+    if path is None:
+        return None
+    from transformers import GenerationConfig
+
+    from eval_fewshot.inference import check_one_answer
+    from flamingo_kit.generation_options import check_supported
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--generation-config {path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--generation-config {path} is not a JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--generation-config {path} must hold a JSON object of "
+                         "GenerationConfig fields")
+    unknown = sorted(set(data) - set(vars(GenerationConfig())) - {"_from_model_config"})
+    if unknown:
+        raise ValueError(f"--generation-config {path}: unknown GenerationConfig fields {unknown}")
+    try:
+        config = GenerationConfig(**data)
+        check_supported(config)
+        check_one_answer(config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--generation-config {path}: {error}") from None
+    return config
+
+
 def init_distributed(device: str) -> None:
     """Join the process group a launcher (torchrun, deepspeed) describes in the environment."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
@@ -175,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     # work; what is wrong there ends the run with one line, not a traceback.
     try:
         options, settings = reader_options(args)
-        task = get_task(args.task, settings.pop("template"), num_beams=args.num_beams,
-                        max_new_tokens=args.max_new_tokens, **settings)
+        generation = read_generation_config(args.generation_config)
+        task = get_task(args.task, settings.pop("template"),
+                        num_beams=args.num_beams or getattr(generation, "num_beams", None),
+                        max_new_tokens=args.max_new_tokens
+                        or getattr(generation, "max_new_tokens", None), **settings)
         data = task.load(args.data, options)
     except (DataFormatError, TemplateError, FileNotFoundError, ValueError) as error:
         parser.error(str(error))
@@ -187,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         device = f"cuda:{torch.cuda.current_device()}"
     model = FlamingoModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     processor = FlamingoProcessor.from_pretrained(args.model)
-    runner_model = FewShotModel(model, processor, device, args.max_context)
+    runner_model = FewShotModel(model, processor, device, args.max_context, generation)
+    if generation is not None and generation.do_sample:
+        torch.manual_seed(args.seed)  # sampled answers are reproducible
     stem = os.path.join(args.out, args.name or task.name)
     config = EvalConfig(
         shots=args.shots, trials=args.trials, seed=args.seed,
@@ -203,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     if dist.rank == 0:
         summary = results_to_json(task, config, results, model=os.path.abspath(args.model),
                                   data=args.data, reader_options=options,
-                                  template=task.template.text)
+                                  template=task.template.text,
+                                  generation=runner_model.generation_settings(
+                                      task.max_new_tokens, task.num_beams))
         for result in results:
             shortfall = result.shortfall(runner_model.max_context)
             if shortfall:

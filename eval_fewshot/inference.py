@@ -42,10 +42,17 @@ class FewShotModel:
     """Batched generation and rank classification for few-shot prompts.
 
     ``max_context`` (tokens) bounds prompt + answer; by default the LM's maximum positions.
+    ``generation_config`` (a transformers ``GenerationConfig``) holds generation options for
+    every query (``repetition_penalty``, ``no_repeat_ngram_size``, ``stop_strings``, ...);
+    the task's ``max_new_tokens`` and ``num_beams`` are passed over it. Options that give more
+    or other than one answer per query are refused.
     """
 
     def __init__(self, model, processor, device: str | torch.device = "cpu",
-                 max_context: int | None = None):
+                 max_context: int | None = None, generation_config=None):
+        if generation_config is not None:
+            check_one_answer(generation_config)
+        self.generation_config = generation_config
         self.model = model.eval().to(device)
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -109,8 +116,19 @@ class FewShotModel:
                  num_beams: int = 1) -> list[str]:
         """Decoded continuations of whole prompts (one batch), cut at the end of chunk."""
         batch = self._batch([p.text for p in prompts], [p.images for p in prompts])
-        new = self.model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
-        return self._decode(new)
+        return self._decode(self._generate(batch, max_new_tokens, num_beams))
+
+    def _generate(self, batch: dict, max_new_tokens: int, num_beams: int,
+                  prefix=None) -> torch.Tensor:
+        return self.model.generate(**batch, prefix=prefix, max_new_tokens=max_new_tokens,
+                                   num_beams=num_beams, generation_config=self.generation_config,
+                                   tokenizer=self.tokenizer)
+
+    def generation_settings(self, max_new_tokens: int, num_beams: int) -> dict:
+        """The generation options every query runs with (recorded in the results file)."""
+        options = {} if self.generation_config is None else self.generation_config.to_diff_dict()
+        options.pop("transformers_version", None)
+        return options | {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
 
     def prefix_ids(
         self, context: str, queries: Sequence[str]
@@ -141,9 +159,7 @@ class FewShotModel:
                               num_beams: int = 1) -> list[str]:
         """Decoded continuations of queries that follow a prefilled context (one batch)."""
         batch = self._collate(query_ids, [[p] for p in query_images])
-        new = self.model.generate(**batch, prefix=state, max_new_tokens=max_new_tokens,
-                                  num_beams=num_beams)
-        return self._decode(new)
+        return self._decode(self._generate(batch, max_new_tokens, num_beams, prefix=state))
 
     # -- rank classification ----------------------------------------------------------------
 
@@ -201,6 +217,16 @@ class FewShotModel:
         for param in self.model.vision.tower.parameters():
             digest.update(param.detach().float().cpu().numpy().tobytes()[:4096])
         return digest.hexdigest()
+
+
+def check_one_answer(generation_config) -> None:
+    """Refuse generation options that would give other than one answer string per query."""
+    refused = [f"{key}={getattr(generation_config, key)!r}"
+               for key in ("num_return_sequences", "return_dict_in_generate", "output_scores",
+                           "output_logits")
+               if getattr(generation_config, key, None) not in (None, False, 1)]
+    if refused:
+        raise ValueError(f"the evaluator scores one answer per query; remove {', '.join(refused)}")
 
 
 def lm_max_positions(model) -> int | None:

@@ -1,21 +1,31 @@
 """Generation with three caches: the LM's KV cache, image latents, and cross-attention K/V.
 
-One ``generate`` call encodes each image once (before beams are expanded), projects each cross-
-attention layer's image keys/values once, and then decodes token by token from the LM's KV
-cache. ``prefill`` computes all of that for a shared prefix (e.g. k demonstrations) so many
-queries can continue from it without recomputing it. Images and media state come from
-``media.py``; every step is a plain ``FlamingoModel.forward`` call.
+One ``generate`` call encodes each image once (before beams or returned sequences are expanded),
+projects each cross-attention layer's image keys/values once, and then decodes token by token
+from the LM's KV cache. Its options, logits processors and stopping criteria are transformers'
+(built in ``generation_options.py``). ``prefill`` computes all of that for a shared prefix
+(e.g. k demonstrations) so many queries can continue from it without recomputing it. Images and
+media state come from ``media.py``; every step is a plain ``FlamingoModel.forward`` call.
 
-Reading order: ``GenerationMixin.generate`` (prompt forward, then a decoding strategy),
+Reading order: ``GenerationMixin.generate`` (options, prompt forward, then a decoding strategy),
 ``_Decoding`` (per-row caches, one step), ``_sample``, ``_beam_search``, then ``prefill``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers import GenerationConfig
+from transformers.generation import (
+    GenerateBeamDecoderOnlyOutput,
+    GenerateDecoderOnlyOutput,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
 
+from flamingo_kit.generation_options import DecodingPlan, resolve_config
 from flamingo_kit.lm_integration import flamingo_layers
 from flamingo_kit.media import MediaState, PrefixState, continue_prefix, media_state
 
@@ -29,55 +39,68 @@ class GenerationMixin:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
-        num_beams: int = 1,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        length_penalty: float = 1.0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer: Any = None,
         prefix: PrefixState | None = None,
         return_prompt: bool = False,
         seed: int | None = None,
-        early_stopping: bool | str = False,
-    ) -> torch.Tensor:
-        """Continue left-padded prompts; returns the new token ids ``[B, n_new]``.
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+        """Continue left-padded prompts; returns the new token ids ``[B * n, n_new]``.
 
-        Stops a row at ``<|endofchunk|>`` or the LM's EOS (or ``eos_token_id``); finished rows
-        are filled with ``pad_token_id``. ``seed`` makes sampling reproducible. Beam search
-        (``num_beams > 1``) follows transformers: ``length_penalty`` and ``early_stopping``
-        (``True``, ``False`` or ``"never"``) mean what they mean there, with the same defaults.
+        Options are transformers' (see ``generation_options``): ``generation_config`` and
+        ``GenerationConfig`` fields as keyword arguments (``max_new_tokens`` (default 20),
+        ``num_beams``, ``do_sample``, ``temperature``, ``top_k`` (default 50, as in
+        transformers), ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
+        ``min_new_tokens``, ``bad_words_ids``, ``num_return_sequences`` (n), ``stop_strings``
+        (with ``tokenizer=``), ``length_penalty``, ``early_stopping``, ``output_scores``,
+        ``return_dict_in_generate``, ...), built into transformers' own processors and stopping
+        criteria; ``logits_processor`` / ``stopping_criteria`` add to them as in transformers;
+        ``streamer`` (``TextStreamer``, ``TextIteratorStreamer``) receives the prompt, then each
+        new token (batch of one, no beams). An option it cannot honour raises, naming it.
+
+        A row stops at ``<|endofchunk|>`` or the LM's EOS (or ``eos_token_id``), at a stop
+        string or at ``max_new_tokens``; finished rows are filled with ``pad_token_id``.
+        ``<image>`` is never generated. ``prefix`` continues a :meth:`prefill` state exactly as
+        the whole prompt would. ``seed`` makes sampling reproducible (else torch's global RNG,
+        as transformers). ``return_prompt=True`` puts ``input_ids`` before the new tokens. With
+        ``return_dict_in_generate=True`` the result is transformers'
+        ``GenerateDecoderOnlyOutput`` / ``GenerateBeamDecoderOnlyOutput`` whose ``sequences``
+        are what would be returned otherwise (``scores``, ``logits``, ``beam_indices``,
+        ``sequences_scores`` as in transformers, ``logits`` with ``<image>`` removed; no attentions,
+        hidden states or cache).
         """
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-        if num_beams > 1 and do_sample:
-            raise ValueError("choose beam search (num_beams > 1) or sampling, not both")
+        config, default_length = resolve_config(generation_config, kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded for generation "
+                             "(processor(..., padding_side='left'))")
         was_training = self.training
         if was_training:
             self.eval()
         try:
-            stop = _stop_ids(self, eos_token_id).to(input_ids.device)
-            pad = pad_token_id if pad_token_id is not None else _default_pad(self)
+            plan = DecodingPlan.build(self, config, default_length, input_ids, attention_mask,
+                                      prefix, logits_processor, stopping_criteria, tokenizer,
+                                      streamer, seed)
             state = _Decoding.after_prompt(self, input_ids, attention_mask, pixel_values, prefix)
-            if num_beams > 1:
-                new = _beam_search(self, state, num_beams, max_new_tokens, stop, pad,
-                                   length_penalty, early_stopping)
+            beams = None
+            if config.num_beams > 1:
+                new, beams = _beam_search(self, state, plan)
             else:
-                generator = None
-                if seed is not None:
-                    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-                sampler = _Sampler(do_sample, temperature, top_p, top_k, generator)
-                new = _sample(self, state, max_new_tokens, stop, pad, sampler)
+                if config.num_return_sequences > 1:
+                    state.expand(config.num_return_sequences)
+                new = _sample(self, state, plan)
         finally:
             if was_training:
                 self.train()
-        return torch.cat([input_ids, new], dim=1) if return_prompt else new
+        if return_prompt:
+            rows = new.shape[0] // input_ids.shape[0]
+            new = torch.cat([input_ids.repeat_interleave(rows, 0), new], dim=1)
+        return plan.output(new, beams)
 
     @torch.no_grad()
     def prefill(
@@ -100,7 +123,7 @@ class GenerationMixin:
                 media.media_kv(layer.xattn_index, layer.xattn)
         return PrefixState(out.past_key_values, attention_mask,
                            None if media is None else media.latents,
-                           {} if media is None else media.kv_cache, out.logits[:, -1])
+                           {} if media is None else media.kv_cache, out.logits[:, -1], input_ids)
 
 
 @dataclass
@@ -115,11 +138,6 @@ class _Decoding:
     @classmethod
     def after_prompt(cls, model, input_ids, attention_mask, pixel_values, prefix) -> _Decoding:
         """Run the (left-padded) prompts, after ``prefix`` if given, keeping every cache."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("prompts must be left-padded for generation "
-                             "(processor(..., padding_side='left'))")
         past = None
         if prefix is not None:
             past, attention_mask, media = continue_prefix(
@@ -156,91 +174,84 @@ class _Decoding:
         self.logits = out.logits[:, -1].float()
 
 
-def _stop_ids(model, eos_token_id) -> torch.Tensor:
-    """Ids that end a row: ``eos_token_id``, by default ``<|endofchunk|>`` and the LM's EOS."""
-    if eos_token_id is None:
-        eos_token_id = [model.eoc_token_id]
-        lm_eos = getattr(model.lm.config.get_text_config(), "eos_token_id", None)
-        eos_token_id += lm_eos if isinstance(lm_eos, list) else [lm_eos]
-    elif isinstance(eos_token_id, int):
-        eos_token_id = [eos_token_id]
-    return torch.tensor([i for i in eos_token_id if i is not None])
+def _sample(model, state: _Decoding, plan: DecodingPlan) -> torch.Tensor:
+    """Greedy or sampled decoding (transformers' ``_sample``): one token per row and step.
 
-
-def _default_pad(model) -> int:
-    """The pad id for finished rows: the LM's pad token, else its EOS, else 0."""
-    config = model.lm.config.get_text_config()
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(config, name, None)
-        value = value[0] if isinstance(value, list) else value
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _suppress(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """A generated ``<image>`` would have no image: never emit it."""
-    logits[:, image_token_id] = float("-inf")
-    return logits
-
-
-def _sample(model, state: _Decoding, max_new: int, stop, pad: int, sampler) -> torch.Tensor:
-    """Greedy or sampled decoding: one token per row and step until every row has stopped."""
-    b = state.logits.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=state.logits.device)
-    out = []
-    for step in range(max_new):
-        token = sampler(_suppress(state.logits, model.image_token_id))
-        token = token.masked_fill(done, pad)
-        out.append(token)
-        done |= torch.isin(token, stop)
-        if bool(done.all()) or step == max_new - 1:
+    Each step: processed scores -> token (argmax or sample) -> finished rows get ``pad`` ->
+    stopping criteria on prompt + tokens; ends when every row has stopped.
+    """
+    ids = plan.prompt_ids
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    while True:
+        token = plan.choose(plan.next_scores(ids, state.logits, log_probs=False))
+        token = token.masked_fill(done, plan.pad)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        done |= plan.stops(ids)
+        plan.stream(token)
+        if bool(done.all()):  # one host sync per step
             break
         state.step(model, token)
-    return torch.stack(out, dim=1)
+    return ids[:, plan.prompt_ids.shape[1]:]
 
 
-def _beam_search(model, state: _Decoding, num_beams: int, max_new: int, stop: torch.Tensor,
-                 pad: int, length_penalty: float, early_stopping: bool | str) -> torch.Tensor:
+def _beam_search(model, state: _Decoding, plan: DecodingPlan) -> tuple[torch.Tensor, dict]:
     """Beam search with the semantics of transformers' ``GenerationMixin._beam_search``.
 
-    Each row keeps ``num_beams`` running hypotheses (ranked by summed log-probability) and
-    its ``num_beams`` best finished ones, scored ``sum_logprob / n_new ** length_penalty``
-    where ``n_new`` counts the new tokens including the stop token. Only candidates among the
-    step's top ``num_beams`` may finish. A row takes no more finished hypotheses once it is
-    done: with ``early_stopping=True`` when it holds ``num_beams`` of them, otherwise when
-    its best running hypothesis can no longer beat its worst finished one (at its current
-    length, or at ``max_new`` with ``"never"`` and a positive ``length_penalty``). Every
-    flag is per row, so a row's answer does not depend on the other rows of the batch; the
-    loop ends when every row is done, or at ``max_new`` tokens.
+    Each row keeps ``num_beams`` running hypotheses (ranked by summed processed
+    log-probability) and its ``num_beams`` best finished ones, scored ``sum_logprob / n_new **
+    length_penalty`` where ``n_new`` counts the new tokens including the last one. A candidate
+    finishes when it meets a stopping criterion (stop token, stop string, length...); only
+    candidates among the step's top ``num_beams`` may join the finished ones. A row takes no
+    more finished hypotheses once it is done: with ``early_stopping=True`` when it holds
+    ``num_beams`` of them, otherwise when its best running hypothesis can no longer beat its
+    worst finished one (at its current length, or at ``max_new`` with ``"never"`` and a
+    positive ``length_penalty``). Every flag is per row, so a row's answer does not depend on
+    the other rows of the batch; the loop ends when every row is done, or at ``max_new``
+    tokens. With ``do_sample`` the candidates are sampled (transformers' beam sampling).
+    Returns the best ``num_return_sequences`` hypotheses of each row ``[B * n, n_new]`` and
+    their ``sequences_scores`` and ``beam_indices``.
     """
-    b, k = state.logits.shape[0], num_beams
+    config = plan.config
+    b, k, max_new = state.logits.shape[0], config.num_beams, plan.max_new
+    length_penalty, early_stopping = config.length_penalty, config.early_stopping
     device = state.logits.device
     state.expand(k)
-    keep = max(2, 1 + stop.numel()) * k  # enough candidates that k of them do not stop
+    keep = max(2, 1 + plan.stop.numel()) * k  # enough candidates that k of them do not stop
     may_finish = torch.arange(keep, device=device) < k
     row_offset = torch.arange(b, device=device)[:, None] * k
-    running = torch.full((b, k, max_new), pad, dtype=torch.long, device=device)
+    prompt = plan.prompt_ids  # [b * k, P]: every beam of a row holds the row's prompt
+    prompt_of_candidates = prompt.view(b, k, -1)[:, :1].expand(-1, keep, -1).reshape(b * keep, -1)
+    running = torch.full((b, k, max_new), plan.pad, dtype=torch.long, device=device)
+    origin = torch.full((b, k, max_new), -1, dtype=torch.long, device=device)  # beam_indices
     running_scores = torch.zeros(b, k, device=device)
     running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
-    finished, finished_scores = running.clone(), torch.full((b, k), -1e9, device=device)
+    finished, finished_origin = running.clone(), origin.clone()
+    finished_scores = torch.full((b, k), -1e9, device=device)
     finished_len = torch.zeros(b, k, dtype=torch.long, device=device)
     is_finished = torch.zeros(b, k, dtype=torch.bool, device=device)
     may_improve = torch.ones(b, 1, dtype=torch.bool, device=device)
     for step in range(max_new):
-        logp = torch.log_softmax(_suppress(state.logits, model.image_token_id), dim=-1)
+        ids = torch.cat([prompt, running[:, :, :step].reshape(b * k, step)], dim=1)
+        logp = plan.next_scores(ids, state.logits, log_probs=True)
         vocab = logp.shape[-1]
         cand = (logp.view(b, k, vocab) + running_scores[..., None]).view(b, k * vocab)
-        top_scores, top_idx = cand.topk(keep, dim=1)
+        if config.do_sample:
+            top_idx = torch.multinomial(cand.softmax(-1), keep, generator=plan.generator)
+            top_scores = cand.gather(1, top_idx)
+        else:
+            top_scores, top_idx = cand.topk(keep, dim=1)
         parent = top_idx // vocab
-        seqs = _take(running, parent)
+        seqs, seq_origin = _take(running, parent), _take(origin, parent)
         seqs[:, :, step] = top_idx % vocab
-        ends = torch.isin(seqs[:, :, step], stop) | (step == max_new - 1)
+        seq_origin[:, :, step] = parent + row_offset
+        candidates = torch.cat([prompt_of_candidates, seqs[:, :, : step + 1].reshape(b * keep, -1)], 1)
+        ends = plan.stops(candidates).view(b, keep) | (step == max_new - 1)
 
         # The best k candidates that do not end keep running.
         alive_scores = top_scores + ends.float() * -1e9
         pick = alive_scores.topk(k, dim=1).indices
-        running, running_scores = _take(seqs, pick), _take(alive_scores, pick)
+        running, origin, running_scores = (_take(seqs, pick), _take(seq_origin, pick),
+                                           _take(alive_scores, pick))
         beam_rows = (_take(parent, pick) + row_offset).view(-1)
 
         # Candidates that end now join the finished ones if they are among the best k.
@@ -253,6 +264,7 @@ def _beam_search(model, state: _Decoding, num_beams: int, max_new: int, stop: to
         merged = torch.cat([finished_scores, scores], 1)
         order = merged.topk(k, dim=1).indices
         finished = _take(torch.cat([finished, seqs], 1), order)
+        finished_origin = _take(torch.cat([finished_origin, seq_origin], 1), order)
         finished_scores = _take(merged, order)
         lengths = torch.full_like(top_idx, step + 1)
         finished_len = _take(torch.cat([finished_len, lengths], 1), order)
@@ -273,7 +285,11 @@ def _beam_search(model, state: _Decoding, num_beams: int, max_new: int, stop: to
             break
         state.reorder(beam_rows)
         state.step(model, running[:, :, step].reshape(-1))
-    return finished[:, 0, : int(finished_len[:, 0].max())]
+    n = config.num_return_sequences
+    length = int(finished_len[:, :n].max())
+    return finished[:, :n, :length].reshape(b * n, length), {
+        "sequences_scores": finished_scores[:, :n].reshape(-1),
+        "beam_indices": finished_origin[:, :n, :length].reshape(b * n, length)}
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -281,30 +297,3 @@ def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     while index.dim() < tensor.dim():
         index = index.unsqueeze(-1)
     return torch.take_along_dim(tensor, index, dim=1)
-
-
-class _Sampler:
-    """Greedy choice or temperature / top-k / top-p sampling of the next token."""
-
-    def __init__(self, do_sample, temperature, top_p, top_k, generator):
-        if do_sample and temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling")
-        if not 0 < top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
-        self.generator = generator
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.do_sample:
-            return logits.argmax(-1)
-        logits = logits / self.temperature
-        if self.top_k > 0:
-            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the token crossing top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

@@ -137,6 +137,9 @@ class PrefixState:
     latents: torch.Tensor | None  # [1, N0, L, D] or None without images
     kv_cache: dict  # cross-attention layer index -> (k, v) of the prefix images
     logits: torch.Tensor  # [1, V] next-token logits after the prefix
+    # [1, P] the prefix's token ids: logits processors (repetition penalty, n-gram blocking)
+    # count them as part of the prompt, as for the whole prompt.
+    input_ids: torch.Tensor | None = None
 
 
 def continue_prefix(

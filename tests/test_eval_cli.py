@@ -306,3 +306,47 @@ def test_java_tokenizer_without_java_is_a_one_line_error(toy, tmp_path, capsys, 
     err = run_cli_error(capsys, "--model", model, "--task", "coco", "--data", tmp_path / "data",
                         "--caption-tokenizer", "java", "--out", tmp_path)
     assert "java" in err
+
+
+def test_generation_config_file_is_applied_and_recorded(toy, tmp_path, capsys):
+    world, model = toy
+    gen = tmp_path / "gen.json"
+    gen.write_text(json.dumps({"repetition_penalty": 0.2, "no_repeat_ngram_size": 2,
+                               "max_new_tokens": 6, "num_beams": 2}))
+    args = ["--model", model, "--task", "synth_captioning", "--data", world, "--shots", "2",
+            "--trials", "1", "--limit", "4", "--fixed-demos", "--num-beams", "1"]
+
+    def predictions(out, *extra):
+        run_cli(capsys, *args, "--out", tmp_path / out, *extra)
+        results = json.loads((tmp_path / out / "synth_captioning.json").read_text())
+        return results["generation"], [p["raw_prediction"] for t in results["results"][0]["trials"]
+                                       for p in t["predictions"]]
+
+    settings, reused = predictions("reuse", "--generation-config", gen)
+    # --num-beams overrides the file; the file's max_new_tokens overrides the task's 20.
+    assert settings == {"repetition_penalty": 0.2, "no_repeat_ngram_size": 2,
+                        "max_new_tokens": 6, "num_beams": 1}
+    _, whole = predictions("whole", "--generation-config", gen, "--no-prefix-reuse")
+    assert reused == whole  # the processors see the shared demonstrations after a prefix too
+    plain_settings, plain = predictions("plain")
+    assert plain_settings == {"max_new_tokens": 20, "num_beams": 1} and plain != reused
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "is not a JSON file"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"repetition_penalty": 1.2, "max_new_token": 5}', "unknown GenerationConfig fields "
+     "['max_new_token']"),
+    ('{"guidance_scale": 2.0}', "cannot honour guidance_scale=2.0"),
+    ('{"do_sample": true, "num_return_sequences": 2}', "one answer per query; remove "
+     "num_return_sequences=2"),
+])
+def test_bad_generation_config_file_is_a_one_line_error(toy, tmp_path, capsys, content, message):
+    world, model = toy
+    path = tmp_path / "gen.json"
+    if content is not None:
+        path.write_text(content)
+    err = run_cli_error(capsys, "--model", model, "--task", "synth_vqa", "--data", world,
+                        "--generation-config", path, "--out", tmp_path)
+    assert f"--generation-config {path}" in err and message in err
