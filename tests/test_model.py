@@ -132,7 +132,7 @@ def test_lm_that_rescales_its_logits_keeps_its_own_logits(family, scaling):
 
 
 @pytest.mark.parametrize("family, setting", [
-    ("recurrent_gemma", "logits_soft_cap"),  # its body keeps no KV cache flamingo-kit can use
+    ("recurrent_gemma", "logits_soft_cap"),  # its body returns no KV cache to decode with
     ("falcon_h1", "embedding_multiplier"),  # applied only to token ids, not to embeddings
 ])
 def test_lm_with_an_unverified_rescaling_is_refused(family, setting):
