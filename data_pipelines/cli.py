@@ -40,7 +40,7 @@ def _inspect(args: argparse.Namespace) -> None:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        from flamingo_kit.parts import require_local_dir
+        from flamingo_kit.backbones import require_local_dir
 
         tokenizer = AutoTokenizer.from_pretrained(require_local_dir(args.tokenizer, "--tokenizer"))
     else:

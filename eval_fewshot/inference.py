@@ -17,10 +17,19 @@ import torch
 from PIL import Image
 
 from eval_fewshot.prompts import Prompt
-from flamingo_kit.parts import lm_context_length
+from flamingo_kit.backbones import lm_context_length
+from flamingo_kit.batching import collate
 from flamingo_kit.processing import IMAGE_TOKEN
 
 IMAGE_CACHE_SIZE = 4096
+
+
+class TokenBoundaryError(ValueError):
+    """A query tokenises differently after the shared context than inside the whole prompt.
+
+    Then a prefilled context cannot be reused without changing the model's input; the evaluator
+    catches exactly this error and runs such prompts whole.
+    """
 
 
 def cut_answer(text: str, stop_strings: Sequence[str] = ()) -> str:
@@ -33,10 +42,17 @@ class FewShotModel:
     """Batched generation and rank classification for few-shot prompts.
 
     ``max_context`` (tokens) bounds prompt + answer; by default the LM's maximum positions.
+    ``generation_config`` (a transformers ``GenerationConfig``) holds generation options for
+    every query (``repetition_penalty``, ``no_repeat_ngram_size``, ``stop_strings``, ...);
+    the task's ``max_new_tokens`` and ``num_beams`` are passed over it. Options that give more
+    or other than one answer per query are refused.
     """
 
     def __init__(self, model, processor, device: str | torch.device = "cpu",
-                 max_context: int | None = None):
+                 max_context: int | None = None, generation_config=None):
+        if generation_config is not None:
+            check_one_answer(generation_config)
+        self.generation_config = generation_config
         self.model = model.eval().to(device)
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -75,27 +91,15 @@ class FewShotModel:
 
     def _collate(self, ids: Sequence[Sequence[int]], images: Sequence[Sequence[str]],
                  side: str = "left") -> dict[str, torch.Tensor]:
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
         for b, row in enumerate(ids):
             n_tokens = row.count(self.model.image_token_id)
             if n_tokens != len(images[b]):
                 raise ValueError(f"prompt {b}: {n_tokens} {IMAGE_TOKEN} tokens but "
                                  f"{len(images[b])} images")
-            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-            input_ids[b, span] = torch.tensor(row, dtype=torch.long)
-            mask[b, span] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask}
-        n_max = max(len(imgs) for imgs in images)
-        if n_max:
-            flat = self.pixels([p for imgs in images for p in imgs])
-            pixel_values = flat.new_zeros((len(ids), n_max, 1, *flat.shape[1:]))
-            start = 0
-            for b, imgs in enumerate(images):
-                pixel_values[b, : len(imgs), 0] = flat[start : start + len(imgs)]
-                start += len(imgs)
-            batch["pixel_values"] = pixel_values
+        paths = [path for row in images for path in row]
+        pixels = self.pixels(paths) if paths else torch.empty(0)
+        batch = collate(ids, pixels.split([len(row) for row in images]),
+                        self.tokenizer.pad_token_id, side)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # -- generation -------------------------------------------------------------------------
@@ -112,23 +116,34 @@ class FewShotModel:
                  num_beams: int = 1) -> list[str]:
         """Decoded continuations of whole prompts (one batch), cut at the end of chunk."""
         batch = self._batch([p.text for p in prompts], [p.images for p in prompts])
-        new = self.model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
-        return self._decode(new)
+        return self._decode(self._generate(batch, max_new_tokens, num_beams))
+
+    def _generate(self, batch: dict, max_new_tokens: int, num_beams: int,
+                  prefix=None) -> torch.Tensor:
+        return self.model.generate(**batch, prefix=prefix, max_new_tokens=max_new_tokens,
+                                   num_beams=num_beams, generation_config=self.generation_config,
+                                   tokenizer=self.tokenizer)
+
+    def generation_settings(self, max_new_tokens: int, num_beams: int) -> dict:
+        """The generation options every query runs with (recorded in the results file)."""
+        options = {} if self.generation_config is None else self.generation_config.to_diff_dict()
+        options.pop("transformers_version", None)
+        return options | {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
 
     def prefix_ids(
         self, context: str, queries: Sequence[str]
     ) -> tuple[list[int], list[list[int]]]:
         """Token ids of a shared context and of each query continuing it.
 
-        Raises ``ValueError`` when tokenising separately differs from tokenising the whole
-        prompt (then prefix reuse would change the model's input).
+        Raises :class:`TokenBoundaryError` when tokenising separately differs from tokenising
+        the whole prompt (then prefix reuse would change the model's input).
         """
         prefix = self.tokenizer(context, add_special_tokens=True)["input_ids"]
         rest = self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]
         whole = self.tokenizer([context + q for q in queries], add_special_tokens=True)["input_ids"]
         for q, r, w in zip(queries, rest, whole):
             if prefix + r != w:
-                raise ValueError(f"query {q!r} does not tokenise the same after the context")
+                raise TokenBoundaryError(f"query {q!r} does not tokenise the same after the context")
         return prefix, rest
 
     @torch.no_grad()
@@ -144,9 +159,7 @@ class FewShotModel:
                               num_beams: int = 1) -> list[str]:
         """Decoded continuations of queries that follow a prefilled context (one batch)."""
         batch = self._collate(query_ids, [[p] for p in query_images])
-        new = self.model.generate(**batch, prefix=state, max_new_tokens=max_new_tokens,
-                                  num_beams=num_beams)
-        return self._decode(new)
+        return self._decode(self._generate(batch, max_new_tokens, num_beams, prefix=state))
 
     # -- rank classification ----------------------------------------------------------------
 
@@ -187,20 +200,6 @@ class FewShotModel:
         valid = cont["attention_mask"].float()
         return ((token_logp * valid).sum(1) / valid.sum(1)).tolist()
 
-    @torch.no_grad()
-    def rank_uncached(self, prompt: Prompt, choices: Sequence[str]) -> list[float]:
-        """:meth:`rank` without the prefix cache: the prompt is repeated for every choice."""
-        context, conts = self._choice_ids(prompt.text, choices)
-        rows = [context + c for c in conts]
-        batch = self._collate(rows, [prompt.images] * len(rows), side="right")
-        logp = torch.log_softmax(self.model(**batch).logits.float(), dim=-1)
-        scores = []
-        for b, c in enumerate(conts):
-            positions = torch.arange(len(context) - 1, len(context) - 1 + len(c))
-            targets = torch.tensor(c, device=logp.device)
-            scores.append(float(logp[b, positions, targets].mean()))
-        return scores
-
     # -- image embeddings for RICES ---------------------------------------------------------
 
     @torch.no_grad()
@@ -218,6 +217,16 @@ class FewShotModel:
         for param in self.model.vision.tower.parameters():
             digest.update(param.detach().float().cpu().numpy().tobytes()[:4096])
         return digest.hexdigest()
+
+
+def check_one_answer(generation_config) -> None:
+    """Refuse generation options that would give other than one answer string per query."""
+    refused = [f"{key}={getattr(generation_config, key)!r}"
+               for key in ("num_return_sequences", "return_dict_in_generate", "output_scores",
+                           "output_logits")
+               if getattr(generation_config, key, None) not in (None, False, 1)]
+    if refused:
+        raise ValueError(f"the evaluator scores one answer per query; remove {', '.join(refused)}")
 
 
 def lm_max_positions(model) -> int | None:

@@ -4,6 +4,10 @@ Queries are split over distributed ranks by stride (``queries[rank::world]``, no
 query is counted twice); predictions are gathered on every rank and scored once on the full set.
 With a fixed demonstration set per trial (``fixed_demos``), the shared demonstrations of each
 pool run once through :meth:`FlamingoModel.prefill` and every query continues from that cache.
+
+A prompt that would exceed the context budget loses its oldest demonstrations, so a query may
+see fewer shots than asked: every record says how many it used (``shots_used``), each shot
+count reports their mean/min/max, and ``strict_shots`` turns a shortfall into an error.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval_fewshot.datasets import Example, TaskData
-from eval_fewshot.inference import FewShotModel, cut_answer
+from eval_fewshot.inference import FewShotModel, TokenBoundaryError, cut_answer
 from eval_fewshot.prompts import ZERO_SHOT_TEXT_DEMOS, build_prompt, fit_demos
 from eval_fewshot.selection import (
     BalancedSelector,
@@ -28,6 +32,7 @@ from eval_fewshot.selection import (
     Selector,
 )
 from eval_fewshot.tasks import Task
+from flamingo_kit.distributed import DistInfo
 
 # Room kept for the answer when ranking: class names are short.
 RANK_RESERVE_TOKENS = 16
@@ -46,29 +51,19 @@ class EvalConfig:
     batch_size: int = 8
     limit: int | None = None
     rices_cache_dir: str | None = None
+    strict_shots: bool = False  # fail when a prompt cannot hold all the shots asked for
+
+    def __post_init__(self) -> None:
+        if not self.shots or any(k < 0 for k in self.shots):
+            raise ValueError(f"shots must be a non-empty list of counts >= 0, got {self.shots}")
+        for name in ("trials", "batch_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-@dataclass
-class Distributed:
-    """This process's rank and the world size (1 without torch.distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def current(cls) -> Distributed:
-        """From an initialised torch.distributed process group, else single-process."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
-        return cls()
-
-    def gather(self, records: list[dict]) -> list[dict]:
-        """All ranks' records, on every rank."""
-        if self.world_size == 1:
-            return records
-        parts: list[list[dict]] = [[] for _ in range(self.world_size)]
-        torch.distributed.all_gather_object(parts, records)
-        return [r for part in parts for r in part]
+class ShotsError(ValueError):
+    """Some prompts held fewer demonstrations than asked (raised with ``strict_shots``)."""
 
 
 @dataclass
@@ -82,6 +77,25 @@ class ShotResult:
         """Mean and sample std (0 for one trial) of ``metric`` over trials."""
         values = [t["scores"][metric] for t in self.trials]
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def _used(self) -> list[int]:
+        return [p["shots_used"] for t in self.trials for p in t["predictions"]]
+
+    def shots_used(self) -> dict[str, float]:
+        """Mean, min and max demonstrations the prompts actually held, over all trials."""
+        used = self._used()
+        return {"mean": statistics.fmean(used), "min": min(used), "max": max(used)}
+
+    def shortfall(self, max_context: int | None) -> str | None:
+        """A one-line account of prompts that held fewer shots than asked, or None."""
+        used = self._used()
+        short = sum(u < self.shots for u in used)
+        if not short:
+            return None
+        stats = self.shots_used()
+        return (f"{self.shots}-shot: {short} of {len(used)} prompts held fewer demonstrations "
+                f"(mean {stats['mean']:.1f}, min {stats['min']}) to fit the {max_context}-token "
+                "context; use fewer shots or a larger context (--max-context)")
 
 
 def limit_queries(queries: list[Example], limit: int | None, seed: int) -> list[Example]:
@@ -97,9 +111,9 @@ class Evaluator:
     """Runs one task on one model for all shot counts and trials (see the module docstring)."""
 
     def __init__(self, task: Task, data: TaskData, model: FewShotModel, config: EvalConfig,
-                 dist: Distributed | None = None):
+                 dist: DistInfo | None = None):
         self.task, self.data, self.model, self.config = task, data, model, config
-        self.dist = dist or Distributed.current()
+        self.dist = dist or DistInfo.current()
         self.queries = limit_queries(data.queries, config.limit, config.seed)
         self.selection = config.selection or task.selection
         if self.selection == "rices" and config.fixed_demos:
@@ -144,6 +158,9 @@ class Evaluator:
                         raise RuntimeError("gathered predictions do not cover each query once")
                     scores = {m.name: m.compute(records) for m in self.task.metrics}
                     result.trials.append({"seed": seed, "scores": scores, "predictions": records})
+                shortfall = result.shortfall(self.model.max_context)
+                if shortfall and self.config.strict_shots:
+                    raise ShotsError(shortfall)
                 results.append(result)
         return results
 
@@ -177,7 +194,9 @@ class Evaluator:
 
     def _record(self, query: Example, prompt, prediction: str | None) -> dict:
         # The demo uids and query text rebuild the prompt; whole prompts would bloat the file.
+        # Zero-shot demonstrations are text only, so they are no shots.
         record = {"uid": query.uid, "query": prompt.query, "demo_uids": list(prompt.demo_uids),
+                  "shots_used": len(prompt.context_images),
                   "n_images": len(prompt.images),
                   "references": list(query.references), "label": query.label,
                   "extra": dict(query.extra)}
@@ -219,7 +238,7 @@ class Evaluator:
         try:
             state, query_ids = self.model.prefill(prompts[0].context, prompts[0].context_images,
                                                   [p.query for p in prompts])
-        except ValueError:  # the tokenizer merges across the boundary: prompt each query whole
+        except TokenBoundaryError:  # the tokenizer merges across the boundary: prompt whole
             self._run_individual(queries, [demos] * len(queries), zero_shot, records, bar)
             return
         step = self.config.batch_size
@@ -241,10 +260,12 @@ def results_to_json(task: Task, config: EvalConfig, results: list[ShotResult],
         "task": task.name,
         **info,
         "config": asdict(config) | {"selection": config.selection or task.selection},
-        "metrics": [{"name": m.name, "label": m.label, "higher_is_better": m.higher_is_better}
+        "metrics": [{"name": m.name, "label": m.label, "higher_is_better": m.higher_is_better,
+                     "variant": m.variant, "note": m.note}
                     for m in task.metrics],
         "results": [
             {"shots": r.shots,
+             "shots_used": r.shots_used(),
              "mean": {m.name: r.summary(m.name)[0] for m in task.metrics},
              "std": {m.name: r.summary(m.name)[1] for m in task.metrics},
              "trials": r.trials}

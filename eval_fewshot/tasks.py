@@ -2,21 +2,26 @@
 
 ``get_task(name)`` returns a :class:`Task`; ``task.load(data_dir, options)`` reads its data.
 Reader options are strings in which ``{data}`` stands for ``--data``; override any of them with
-a YAML/JSON task config (``--task-config``) or ``--option key=value``. Defaults:
+a YAML/JSON task config (``--task-config``) or ``--option key=value``. Defaults, the file names
+of the official downloads (so ``--data`` is the directory they were unpacked into):
 
 ================== ========================================================================
 task               reader options (defaults)
 ================== ========================================================================
-coco               annotations ``{data}/dataset_coco.json``, image_root ``{data}``
+coco               annotations ``{data}/dataset_coco.json`` (Karpathy split), image_root
+                   ``{data}`` (images at ``{data}/{filepath}/{filename}``, e.g.
+                   ``val2014/COCO_val2014_...jpg``)
 flickr30k          annotations ``{data}/dataset_flickr30k.json``,
                    image_root ``{data}/flickr30k-images``
-vqav2, okvqa       train/test questions + annotations (official file names, val2014 as
-                   test), train/test image templates ``{data}/train2014/COCO_train2014_
-                   {image_id:012d}.jpg`` and the val2014 equivalent
-vizwiz, textvqa    ``{data}/{train,val}_{questions,annotations}_vqa_format.json`` (the
-                   VQAv2-format conversion OpenFlamingo distributes), image templates
-                   ``{data}/train/{image_id}`` / ``{data}/val/{image_id}`` (TextVQA:
-                   ``{data}/train_images/{image_id}.jpg``)
+vqav2              ``{data}/v2_OpenEnded_mscoco_{train,val}2014_questions.json`` +
+                   ``{data}/v2_mscoco_{train,val}2014_annotations.json`` (val2014 as test),
+                   images ``{data}/{train,val}2014/COCO_{train,val}2014_{image_id:012d}.jpg``
+okvqa              ``{data}/OpenEnded_mscoco_{train,val}2014_questions.json`` +
+                   ``{data}/mscoco_{train,val}2014_annotations.json``, COCO images as vqav2
+vizwiz             ``{data}/train.json``, ``{data}/val.json`` (official annotations),
+                   images ``{data}/train/{image_id}``, ``{data}/val/{image_id}``
+textvqa            ``{data}/TextVQA_0.5.1_{train,val}.json``, images
+                   ``{data}/train_images/{image_id}.jpg`` (train and val images)
 classification     root ``{data}`` holding ``classes.json``, ``train.json``, ``test.json``
 synth_captioning   the synthetic world ``{data}/eval/captioning`` (adds CHAIR metrics)
 synth_vqa          ``{data}/eval/vqa``
@@ -25,8 +30,16 @@ synth_label_binding  ``{data}/eval/label_binding``: exact match of the generated
                    rank accuracy among the episode's words, both reported
 ================== ========================================================================
 
+VizWiz and TextVQA also read the VQAv2-format conversion OpenFlamingo distributes
+(``{split}_{questions,annotations}_vqa_format.json``) when ``train_questions``/``test_questions``
+are given: ``--task-config configs/eval/{vizwiz,textvqa}_vqa_format.yaml``. Every VQA task takes
+``demo_answer``: ``most_common`` (default) or ``first`` (see :mod:`eval_fewshot.datasets`).
+
 Scores are percentages (CIDEr-D x 100 as in the COCO papers); each metric says whether higher
-or lower is better.
+or lower is better, and which variant ran (:attr:`Metric.variant`): VQA accuracy is the
+official script's (``vqa_mode="official"``, or ``"normalize_all"``), CIDEr-D/BLEU-4 tokenise
+captions as pycocoevalcap does (``caption_tokenizer="python"``, our tokenizer giving its PTB
+tokens, or ``"java"``, its Java PTB tokenizer itself).
 """
 
 from __future__ import annotations
@@ -44,9 +57,14 @@ from eval_fewshot.metrics import (
     corpus_bleu,
     exact_match,
     mean_vqa_accuracy,
-    tokenize_caption,
     top1_accuracy,
 )
+from eval_fewshot.metrics.text import (
+    CAPTION_TOKENIZER_NOTES,
+    check_caption_tokenizer,
+    tokenize_captions,
+)
+from eval_fewshot.metrics.vqa import VQA_MODE_NOTES, check_vqa_mode
 from eval_fewshot.prompts import CAPTION_TEMPLATE, LABEL_TEMPLATE, VQA_TEMPLATE, PromptTemplate
 
 Records = Sequence[Mapping[str, Any]]
@@ -60,6 +78,8 @@ class Metric:
     label: str
     higher_is_better: bool
     compute: Callable[[Records], float]
+    variant: str = ""  # which setting of the metric ran (saved in the JSON)
+    note: str = ""  # what the variant means (printed under the table)
 
     @property
     def header(self) -> str:
@@ -112,16 +132,30 @@ class Task:
 # -- metrics over prediction records ----------------------------------------------------------
 
 
-def _cider(records: Records) -> float:
-    cands = [tokenize_caption(r["prediction"]) for r in records]
-    refs = [[tokenize_caption(x) for x in r["references"]] for r in records]
-    return 100 * cider_d(cands, refs)[0]
+def _tokenized(records: Records, tokenizer: str) -> tuple[list[str], list[list[str]]]:
+    """Predictions and references PTB-tokenised, each list in one batch as pycocoevalcap does."""
+    cands = tokenize_captions([r["prediction"] for r in records], tokenizer)
+    flat = iter(tokenize_captions([x for r in records for x in r["references"]], tokenizer))
+    return cands, [[next(flat) for _ in r["references"]] for r in records]
 
 
-def _bleu4(records: Records) -> float:
-    cands = [tokenize_caption(r["prediction"]) for r in records]
-    refs = [[tokenize_caption(x) for x in r["references"]] for r in records]
-    return 100 * corpus_bleu(cands, refs)[3]
+def caption_metric(name: str, tokenizer: str = "python") -> Metric:
+    """CIDEr-D (``name="cider"``) or BLEU-4 (``"bleu4"``) with captions tokenised by our Python
+    tokenizer or the Java PTB tokenizer (see :mod:`eval_fewshot.metrics.text`)."""
+    check_caption_tokenizer(tokenizer)
+    note = CAPTION_TOKENIZER_NOTES[tokenizer]
+
+    def cider(records: Records) -> float:
+        return 100 * cider_d(*_tokenized(records, tokenizer))[0]
+
+    def bleu4(records: Records) -> float:
+        return 100 * corpus_bleu(*_tokenized(records, tokenizer))[3]
+
+    if name == "cider":
+        return Metric("cider", "CIDEr-D", True, cider, f"ptb-{tokenizer}", note)
+    if name == "bleu4":
+        return Metric("bleu4", "BLEU-4", True, bleu4, f"ptb-{tokenizer}", note)
+    raise ValueError(f"no caption metric {name!r}; use cider or bleu4")
 
 
 def _chair(key: str) -> Callable[[Records], float]:
@@ -131,9 +165,16 @@ def _chair(key: str) -> Callable[[Records], float]:
     return compute
 
 
-def _vqa_accuracy(records: Records) -> float:
-    return 100 * mean_vqa_accuracy([r["prediction"] for r in records],
-                                   [r["references"] for r in records])
+def vqa_metric(mode: str = "official") -> Metric:
+    """VQA accuracy (%) with the answer processing ``mode`` (see :mod:`eval_fewshot.metrics.vqa`)."""
+    check_vqa_mode(mode)
+
+    def compute(records: Records) -> float:
+        return 100 * mean_vqa_accuracy([r["prediction"] for r in records],
+                                       [r["references"] for r in records], mode)
+
+    return Metric("vqa_accuracy", "VQA acc %", True, compute, variant=mode,
+                  note=VQA_MODE_NOTES[mode])
 
 
 def _exact(records: Records) -> float:
@@ -145,11 +186,10 @@ def _ranked(records: Records) -> float:
     return 100 * top1_accuracy([r["ranked"] for r in records], [r["label"] for r in records])
 
 
-CIDER = Metric("cider", "CIDEr-D", True, _cider)
-BLEU4 = Metric("bleu4", "BLEU-4", True, _bleu4)
+CIDER = caption_metric("cider")
+BLEU4 = caption_metric("bleu4")
 CHAIR_I = Metric("chair_i", "CHAIRi (halluc. objects %)", False, _chair("chair_i"))
 CHAIR_S = Metric("chair_s", "CHAIRs (halluc. captions %)", False, _chair("chair_s"))
-VQA_ACC = Metric("vqa_accuracy", "VQA acc %", True, _vqa_accuracy)
 EXACT = Metric("exact_match", "exact match %", True, _exact)
 TOP1 = Metric("top1", "top-1 acc % (rank)", True, _ranked)
 
@@ -170,12 +210,17 @@ def _captioning_task(name: str, annotations: str, image_root: str, extra=(), **k
                 **kw)
 
 
-def _vqa_task(name: str, train_q: str, train_a: str, test_q: str, test_a: str, train_img: str,
-         test_img: str, **kw) -> Task:
-    options = {"train_questions": train_q, "train_annotations": train_a,
-               "test_questions": test_q, "test_annotations": test_a,
+def _vqa_options(train_q: str | None, train_a: str, test_q: str | None, test_a: str,
+                 train_img: str, test_img: str) -> dict[str, Any]:
+    options = {"train_annotations": train_a, "test_annotations": test_a,
                "train_image_template": train_img, "test_image_template": test_img}
-    return Task(name, datasets.read_vqa, options, VQA, (VQA_ACC,), max_new_tokens=5,
+    if train_q is not None:
+        options |= {"train_questions": train_q, "test_questions": test_q}
+    return options
+
+
+def _vqa_task(name: str, options: Mapping[str, Any], reader=datasets.read_vqa, **kw) -> Task:
+    return Task(name, reader, options, VQA, (vqa_metric(),), max_new_tokens=5,
                 stop_strings=VQA_STOPS, **kw)
 
 
@@ -184,40 +229,47 @@ def _classification_task(name: str, root: str, **kw) -> Task:
                 modes=("rank",), selection="balanced", **kw)
 
 
-COCO_IMG = "{data}/%s2014/COCO_%s2014_{image_id:012d}.jpg"
+def _coco_vqa_options(questions: str, annotations: str) -> dict[str, Any]:
+    """train2014 demonstrations, val2014 queries; ``%s`` in the file names is the split."""
+    image = "{data}/%s2014/COCO_%s2014_{image_id:012d}.jpg"
+    return _vqa_options(questions % "train", annotations % "train", questions % "val",
+                        annotations % "val", image % ("train", "train"), image % ("val", "val"))
+
+
+SYNTH_VQA = "{data}/eval/vqa/"
 for task in [
     _captioning_task("coco", "{data}/dataset_coco.json", "{data}",
-                description="COCO captions, Karpathy test split"),
+                     description="COCO captions, Karpathy test split"),
     _captioning_task("flickr30k", "{data}/dataset_flickr30k.json", "{data}/flickr30k-images",
-                description="Flickr30k captions, Karpathy test split"),
-    _vqa_task("vqav2", "{data}/v2_OpenEnded_mscoco_train2014_questions.json",
-         "{data}/v2_mscoco_train2014_annotations.json",
-         "{data}/v2_OpenEnded_mscoco_val2014_questions.json",
-         "{data}/v2_mscoco_val2014_annotations.json", COCO_IMG % ("train", "train"),
-         COCO_IMG % ("val", "val"), description="VQAv2, val2014 questions"),
-    _vqa_task("okvqa", "{data}/OpenEnded_mscoco_train2014_questions.json",
-         "{data}/mscoco_train2014_annotations.json",
-         "{data}/OpenEnded_mscoco_val2014_questions.json",
-         "{data}/mscoco_val2014_annotations.json", COCO_IMG % ("train", "train"),
-         COCO_IMG % ("val", "val"), description="OK-VQA, val2014 questions"),
-    _vqa_task("vizwiz", "{data}/train_questions_vqa_format.json",
-         "{data}/train_annotations_vqa_format.json", "{data}/val_questions_vqa_format.json",
-         "{data}/val_annotations_vqa_format.json", "{data}/train/{image_id}",
-         "{data}/val/{image_id}", description="VizWiz (VQAv2-format files), val"),
-    _vqa_task("textvqa", "{data}/train_questions_vqa_format.json",
-         "{data}/train_annotations_vqa_format.json", "{data}/val_questions_vqa_format.json",
-         "{data}/val_annotations_vqa_format.json", "{data}/train_images/{image_id}.jpg",
-         "{data}/train_images/{image_id}.jpg", description="TextVQA (VQAv2-format), val"),
+                     description="Flickr30k captions, Karpathy test split"),
+    _vqa_task("vqav2", _coco_vqa_options("{data}/v2_OpenEnded_mscoco_%s2014_questions.json",
+                                         "{data}/v2_mscoco_%s2014_annotations.json"),
+              description="VQAv2, val2014 questions"),
+    _vqa_task("okvqa", _coco_vqa_options("{data}/OpenEnded_mscoco_%s2014_questions.json",
+                                         "{data}/mscoco_%s2014_annotations.json"),
+              description="OK-VQA, val2014 questions"),
+    _vqa_task("vizwiz",
+              _vqa_options(None, "{data}/train.json", None, "{data}/val.json",
+                           "{data}/train/{image_id}", "{data}/val/{image_id}"),
+              datasets.read_vizwiz, description="VizWiz, val"),
+    _vqa_task("textvqa",
+              _vqa_options(None, "{data}/TextVQA_0.5.1_train.json", None,
+                           "{data}/TextVQA_0.5.1_val.json", "{data}/train_images/{image_id}.jpg",
+                           "{data}/train_images/{image_id}.jpg"),
+              datasets.read_textvqa, description="TextVQA 0.5.1, val"),
     _classification_task("classification", "{data}", description="labelled images, class names"),
     _captioning_task("synth_captioning", "{data}/eval/captioning/dataset.json",
-                "{data}/eval/captioning", extra=(CHAIR_I, CHAIR_S),
-                description="synthetic shapes captioning with hallucination rates"),
-    _vqa_task("synth_vqa", "{data}/eval/vqa/train_questions.json",
-         "{data}/eval/vqa/train_annotations.json", "{data}/eval/vqa/test_questions.json",
-         "{data}/eval/vqa/test_annotations.json", "{data}/eval/vqa/images/{image_id:012d}.png",
-         "{data}/eval/vqa/images/{image_id:012d}.png", description="synthetic shapes VQA"),
+                     "{data}/eval/captioning", extra=(CHAIR_I, CHAIR_S),
+                     description="synthetic shapes captioning with hallucination rates"),
+    _vqa_task("synth_vqa",
+              _vqa_options(SYNTH_VQA + "train_questions.json",
+                           SYNTH_VQA + "train_annotations.json",
+                           SYNTH_VQA + "test_questions.json", SYNTH_VQA + "test_annotations.json",
+                           SYNTH_VQA + "images/{image_id:012d}.png",
+                           SYNTH_VQA + "images/{image_id:012d}.png"),
+              description="synthetic shapes VQA"),
     _classification_task("synth_classification", "{data}/eval/classification",
-                    description="synthetic shapes classification"),
+                         description="synthetic shapes classification"),
     Task("synth_label_binding", datasets.read_label_binding, {"root": "{data}/eval/label_binding"},
          LABEL, (EXACT, TOP1), modes=("generate", "rank"), max_new_tokens=4, num_beams=1,
          stop_strings=CAPTION_STOPS, selection="balanced",
@@ -231,11 +283,20 @@ def task_names() -> list[str]:
     return sorted(REGISTRY)
 
 
+# Metric settings of get_task: setting -> (names of the metrics it configures, builder).
+METRIC_SETTINGS: dict[str, tuple[tuple[str, ...], Callable[[str, str], Metric]]] = {
+    "vqa_mode": (("vqa_accuracy",), lambda name, value: vqa_metric(value)),
+    "caption_tokenizer": (("cider", "bleu4"), caption_metric),
+}
+
+
 def get_task(name: str, template: str | None = None, **settings: Any) -> Task:
-    """A registered task, optionally with another template or decoding settings.
+    """A registered task, optionally with another template, decoding or metric settings.
 
     ``template`` must keep the task's answer placeholder (e.g. ``{answer}`` for VQA);
-    ``settings`` may set ``max_new_tokens``, ``num_beams``, ``stop_strings``, ``selection``.
+    ``settings`` may set ``max_new_tokens``, ``num_beams``, ``stop_strings``, ``selection``,
+    ``vqa_mode`` (``official`` or ``normalize_all``; VQA tasks) and ``caption_tokenizer``
+    (``python`` or ``java``; captioning tasks).
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(task_names())}")
@@ -243,8 +304,16 @@ def get_task(name: str, template: str | None = None, **settings: Any) -> Task:
     if template is not None:
         task = replace(task, template=PromptTemplate(template, task.template.target_field))
     settings = {k: v for k, v in settings.items() if v is not None}
-    allowed = {"max_new_tokens", "num_beams", "stop_strings", "selection"}
+    allowed = {"max_new_tokens", "num_beams", "stop_strings", "selection", *METRIC_SETTINGS}
     if set(settings) - allowed:
         raise ValueError(f"unknown task settings {sorted(set(settings) - allowed)}; "
                          f"valid: {sorted(allowed)}")
+    for setting in set(settings) & set(METRIC_SETTINGS):
+        value = settings.pop(setting)
+        names, build = METRIC_SETTINGS[setting]
+        if not any(m.name in names for m in task.metrics):
+            raise ValueError(f"{setting} applies to tasks reporting {', '.join(names)}; {name} "
+                             f"reports {', '.join(m.name for m in task.metrics)}")
+        task = replace(task, metrics=tuple(build(m.name, value) if m.name in names else m
+                                           for m in task.metrics))
     return replace(task, **settings)

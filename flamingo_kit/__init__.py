@@ -1,7 +1,7 @@
 """flamingo-kit: Flamingo-style few-shot vision-language models on any Hugging Face decoder LM."""
 
 from flamingo_kit.config import FlamingoConfig
-from flamingo_kit.generation import PrefixState
+from flamingo_kit.media import PrefixState
 from flamingo_kit.modeling import FlamingoModel, FlamingoOutput
 from flamingo_kit.part_records import PartMismatchError
 from flamingo_kit.pipeline import FlamingoPipeline

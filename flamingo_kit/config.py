@@ -7,11 +7,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MEDIA_POLICIES = ("immediate", "all_previous")
+VISION_FEATURES = ("last_hidden_state", "post_layernorm")
 
 
 @dataclass
 class FlamingoConfig:
     """Shape and behaviour of the Perceiver Resampler and gated cross-attention.
+
+    The defaults are flamingo-kit's architecture. A few fields exist only so that a real
+    checkpoint format computes exactly what it computed where it was trained (OpenFlamingo:
+    ``vision_drop_cls``, ``perceiver_output_proj=False``, ``perceiver_max_media=0``,
+    ``perceiver_max_frames=0``, ``xattn_ff_all_tokens``; see ``flamingo_kit.convert``).
 
     ``lm_source`` / ``vision_source`` say where the frozen parts come from: in memory
     ``{"path": dir}`` for a local checkpoint or ``{"config": {...}}`` for a tower built from a
@@ -29,15 +35,26 @@ class FlamingoConfig:
     perceiver_heads: int = 8
     perceiver_dim_head: int = 64
     perceiver_ff_mult: int = 4
-    perceiver_max_media: int = 64  # media-position embeddings: images per sequence
-    perceiver_max_frames: int = 8  # frame embeddings: frames per image/video
+    perceiver_max_media: int = 64  # media-position embeddings: images per sequence; 0: none
+    perceiver_max_frames: int = 8  # frame embeddings: frames per image/video; 0: none
     # >0: a trainable MLP (this width multiple) on every patch token before the resampler
     # attends, so features a frozen tower encodes nonlinearly per patch become poolable.
     perceiver_patch_ff_mult: int = 0
+    # False: latents keep the vision width and cross-attention projects keys/values from it
+    # (OpenFlamingo); True: latents are projected to the LM width.
+    perceiver_output_proj: bool = True
+    # Patch tokens from the vision tower: its ``last_hidden_state`` (for CLIP, before the final
+    # LayerNorm) or that passed through the tower's ``post_layernorm`` (CLIP only). With
+    # ``vision_drop_cls`` the class token is removed (OpenFlamingo uses patch tokens only).
+    vision_features: str = "last_hidden_state"
+    vision_drop_cls: bool = False
     # Gated cross-attention blocks (query width = LM hidden size).
     xattn_heads: int = 8
     xattn_dim_head: int = 64
     xattn_ff_mult: int = 4
+    # The gated feed-forward applies to tokens that have seen an image (False) or to every
+    # token, including those before the first image and text-only prompts (True: OpenFlamingo).
+    xattn_ff_all_tokens: bool = False
     # Media tokens; ``None`` means "resolved by from_parts" (processor ids or appended ids).
     image_token_id: int | None = None
     eoc_token_id: int | None = None
@@ -54,11 +71,18 @@ class FlamingoConfig:
             raise ValueError(
                 f"media_policy must be one of {MEDIA_POLICIES}, got {self.media_policy!r}"
             )
+        if self.vision_features not in VISION_FEATURES:
+            raise ValueError(
+                f"vision_features must be one of {VISION_FEATURES}, got {self.vision_features!r}"
+            )
         for name in ("cross_attn_every_n_layers", "perceiver_num_latents", "perceiver_depth",
-                     "perceiver_heads", "xattn_heads", "perceiver_max_media",
-                     "perceiver_max_frames"):
+                     "perceiver_heads", "xattn_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("perceiver_max_media", "perceiver_max_frames"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no such embeddings), got "
+                                 f"{getattr(self, name)}")
         if self.perceiver_patch_ff_mult < 0:
             raise ValueError("perceiver_patch_ff_mult must be >= 0 (0: no patch MLP), got "
                              f"{self.perceiver_patch_ff_mult}")

@@ -1,11 +1,16 @@
 """Gated cross-attention from text tokens to image latents, and which image each token sees.
 
 ``MediaLayout`` is computed once per forward call from the token ids and shared by every
-cross-attention layer. Under ``immediate`` each token attends only to the latents of the most
-recent ``<image>`` at or before it. Tokens are grouped by the image they see and cut into
-fixed-size chunks, so attention runs as one fused ``scaled_dot_product_attention`` over
-``[chunks, heads, chunk, latents]``: the work per token is one image's latents whatever the
-number of images in the sequence, and no dense ``[T, N_images x latents]`` mask is built.
+cross-attention layer. Its constructors are the only places that decide which token sees which
+image: a whole input (``build``, also after a cached prefix), one new token per row after a
+prompt (``for_decoding``), rows repeated for beams (``repeated``). Under ``immediate`` each
+token attends only to the latents of the most recent ``<image>`` at or before it. Tokens are
+grouped by the image they see and cut into fixed-size chunks, so attention runs as one fused
+``scaled_dot_product_attention`` over ``[chunks, heads, chunk, latents]``: the work per token is
+one image's latents whatever the number of images in the sequence, and no dense
+``[T, N_images x latents]`` mask is built.
+
+Reading order: ``ChunkPlan``, ``MediaLayout``, ``cross_attend``, ``GatedCrossAttentionBlock``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class ChunkPlan:
 
     tokens: torch.Tensor  # [A] flat indices (b * T + t) of tokens that see an image
     chunk: torch.Tensor  # [A] chunk of each such token
-    slot: torch.Tensor  # [A] position of the token inside its chunk
+    offset: torch.Tensor  # [A] position of the token inside its chunk
     chunk_media: torch.Tensor  # [n_chunks] flat image index (b * N + n) each chunk attends to
     chunk_size: int
     one_chunk_per_image: bool  # chunk i is image i: keys/values are used in place, not copied
@@ -89,12 +94,12 @@ class MediaLayout:
         image_token_id: int,
         num_media: int,
         policy: str,
-        images_before: torch.Tensor | None = None,
+        images_before: int = 0,
     ) -> MediaLayout:
-        """Layout for ``input_ids``; ``images_before[b]`` counts row b's images in the cache."""
-        seen = torch.cumsum((input_ids == image_token_id).long(), dim=1)
-        if images_before is not None:
-            seen = seen + images_before.to(seen.device)[:, None]
+        """Layout for ``input_ids``, which continue a cached prefix holding ``images_before``
+        images in every row (0: no prefix); the input's images are the sequence's images
+        ``images_before``, ``images_before + 1``, ... as in the whole prompt."""
+        seen = torch.cumsum((input_ids == image_token_id).long(), dim=1) + images_before
         return cls.from_media_index(seen - 1, num_media, policy)
 
     @classmethod
@@ -104,6 +109,26 @@ class MediaLayout:
             return cls(media_index, num_media, policy, plan=ChunkPlan.build(media_index, num_media))
         media = torch.arange(num_media, device=media_index.device)
         return cls(media_index, num_media, policy, visible=media <= media_index[..., None])
+
+    def for_decoding(self) -> tuple[MediaLayout, torch.Tensor | None]:
+        """The layout of one new token per row after these tokens, and the images it keeps.
+
+        A new token sees what the last token of its row sees. Under ``immediate`` that is at
+        most one image, the row's latest: decoding keeps only its keys/values (``kept[b]``, the
+        image's index in row b; 0 for a row without images) and the returned layout indexes
+        that single image (0, or -1 for a row without images). Under ``all_previous`` every
+        image stays (``kept`` is None).
+        """
+        latest = self.media_index[:, -1:]  # [B, 1] each row's latest image, -1 if none
+        if self.policy != "immediate":
+            return MediaLayout.from_media_index(latest, self.num_media, self.policy), None
+        single = MediaLayout.from_media_index(latest.clamp(max=0), 1, self.policy)
+        return single, latest[:, 0].clamp(min=0)
+
+    def repeated(self, repeats: int) -> MediaLayout:
+        """Each row ``repeats`` times in a row (beams of one prompt see the same images)."""
+        index = self.media_index.repeat_interleave(repeats, 0)
+        return MediaLayout.from_media_index(index, self.num_media, self.policy)
 
 
 def cross_attend(
@@ -117,12 +142,12 @@ def cross_attend(
         if n_chunks == 0:
             return torch.zeros_like(q)
         q_chunks = q.new_zeros(n_chunks, plan.chunk_size, h, d)
-        q_chunks[plan.chunk, plan.slot] = q.reshape(b * t, h, d)[plan.tokens]
+        q_chunks[plan.chunk, plan.offset] = q.reshape(b * t, h, d)[plan.tokens]
         k_chunks, v_chunks = k.flatten(0, 1), v.flatten(0, 1)
         if not plan.one_chunk_per_image:
             k_chunks, v_chunks = k_chunks[plan.chunk_media], v_chunks[plan.chunk_media]
         out = F.scaled_dot_product_attention(q_chunks.transpose(1, 2), k_chunks, v_chunks)
-        per_token = out.transpose(1, 2)[plan.chunk, plan.slot]
+        per_token = out.transpose(1, 2)[plan.chunk, plan.offset]
         return q.new_zeros(b * t, h, d).index_put((plan.tokens,), per_token).view(b, t, h, d)
     # all_previous: a token's keys are all latents of images 0..media_index (inherently O(N)).
     n, lat = k.shape[1], k.shape[3]
@@ -138,12 +163,16 @@ class GatedCrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention then feed-forward, each scaled by ``tanh(gate)``.
 
     Gates start at 0, so a freshly built model computes exactly what the frozen LM computes.
-    Tokens that see no image get exactly zero from the whole block.
+    Tokens that see no image get exactly zero from the whole block, unless ``ff_all_tokens``:
+    then the gated feed-forward applies to every token, with or without images in the call
+    (OpenFlamingo's block; its attention still gives zero to tokens before the first image).
     """
 
-    def __init__(self, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int):
+    def __init__(self, dim: int, media_dim: int, heads: int, dim_head: int, ff_mult: int,
+                 ff_all_tokens: bool = False):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
+        self.ff_all_tokens = ff_all_tokens
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -161,13 +190,23 @@ class GatedCrossAttentionBlock(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        media_kv: tuple[torch.Tensor, torch.Tensor],
-        layout: MediaLayout,
+        media_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        layout: MediaLayout | None,
     ) -> torch.Tensor:
-        """hidden ``[B, T, D]`` -> hidden with the gated image information added."""
+        """hidden ``[B, T, D]`` -> hidden with the gated image information added.
+
+        ``media_kv``/``layout`` are ``None`` when the call has no images at all.
+        """
+        if media_kv is None:
+            if not self.ff_all_tokens:
+                return hidden
+            return hidden + torch.tanh(self.ff_gate).to(hidden.dtype) * self.ff(hidden)
         q = self.to_q(self.norm(hidden)).unflatten(-1, (self.heads, self.dim_head))
         k, v = media_kv
         attn = cross_attend(q, k.to(q.dtype), v.to(q.dtype), layout).flatten(-2)
         mask = layout.has_media.to(hidden.dtype)
         hidden = hidden + torch.tanh(self.attn_gate).to(hidden.dtype) * self.to_out(attn) * mask
-        return hidden + torch.tanh(self.ff_gate).to(hidden.dtype) * self.ff(hidden) * mask
+        ff = self.ff(hidden)
+        if not self.ff_all_tokens:
+            ff = ff * mask
+        return hidden + torch.tanh(self.ff_gate).to(hidden.dtype) * ff

@@ -1,123 +1,106 @@
 """Generation with three caches: the LM's KV cache, image latents, and cross-attention K/V.
 
-One ``generate`` call encodes each image once (before beams are expanded), projects each cross-
-attention layer's image keys/values once, and then decodes token by token from the LM's KV
-cache. ``prefill`` computes all of that for a shared prefix (e.g. k demonstrations) so many
-queries can continue from it without recomputing it.
+One ``generate`` call encodes each image once (before beams or returned sequences are expanded),
+projects each cross-attention layer's image keys/values once, and then decodes token by token
+from the LM's KV cache. Its options, logits processors and stopping criteria are transformers'
+(built in ``generation_options.py``). ``prefill`` computes all of that for a shared prefix
+(e.g. k demonstrations) so many queries can continue from it without recomputing it. Images and
+media state come from ``media.py``; every step is a plain ``FlamingoModel.forward`` call.
+
+Reading order: ``GenerationMixin.generate`` (options, prompt forward, then a decoding strategy),
+``_Decoding`` (per-row caches, one step), ``_sample``, ``_beam_search``, then ``prefill``.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers import GenerationConfig
+from transformers.generation import (
+    GenerateBeamDecoderOnlyOutput,
+    GenerateDecoderOnlyOutput,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
 
-from flamingo_kit.cross_attention import MediaLayout
-from flamingo_kit.lm_integration import MediaState, flamingo_layers
-
-
-@dataclass
-class PrefixState:
-    """Caches of a shared prompt prefix (batch of one), as returned by ``prefill``."""
-
-    past_key_values: object
-    attention_mask: torch.Tensor  # [1, P]
-    latents: torch.Tensor | None  # [1, N0, L, D] or None without images
-    kv_cache: dict  # layer slot -> (k, v) of the prefix images
-    logits: torch.Tensor  # [1, V] next-token logits after the prefix
-
-
-@dataclass
-class _Decoding:
-    """Per-row state shared by the decoding loops."""
-
-    past_key_values: object
-    attention_mask: torch.Tensor
-    media: MediaState | None
-    logits: torch.Tensor  # [B, V] next-token logits after the prompt
-
-    def expand(self, repeats: int) -> None:
-        """Repeat every row ``repeats`` times (beams), without recomputing anything."""
-        self.past_key_values.batch_repeat_interleave(repeats)
-        self.attention_mask = self.attention_mask.repeat_interleave(repeats, 0)
-        self.logits = self.logits.repeat_interleave(repeats, 0)
-        if self.media is not None:
-            self.media = _repeat_media(self.media, repeats)
-
-
-def _repeat_media(media: MediaState, repeats: int) -> MediaState:
-    kv = {s: tuple(t.repeat_interleave(repeats, 0) for t in kv) for s, kv in media.kv_cache.items()}
-    index = media.layout.media_index.repeat_interleave(repeats, 0)
-    layout = MediaLayout.from_media_index(index, media.layout.num_media, media.layout.policy)
-    return MediaState(None, layout, kv)
+from flamingo_kit.generation_options import DecodingPlan, resolve_config
+from flamingo_kit.lm_integration import flamingo_layers
+from flamingo_kit.media import MediaState, PrefixState, continue_prefix, media_state
 
 
 class GenerationMixin:
     """``generate`` and ``prefill`` for :class:`~flamingo_kit.FlamingoModel`."""
 
-    def _stop_ids(self, eos_token_id) -> torch.Tensor:
-        if eos_token_id is None:
-            eos_token_id = [self.eoc_token_id]
-            lm_eos = getattr(self.lm.config.get_text_config(), "eos_token_id", None)
-            eos_token_id += lm_eos if isinstance(lm_eos, list) else [lm_eos]
-        elif isinstance(eos_token_id, int):
-            eos_token_id = [eos_token_id]
-        return torch.tensor([i for i in eos_token_id if i is not None])
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer: Any = None,
+        prefix: PrefixState | None = None,
+        return_prompt: bool = False,
+        seed: int | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+        """Continue left-padded prompts; returns the new token ids ``[B * n, n_new]``.
 
-    def _default_pad(self) -> int:
-        config = self.lm.config.get_text_config()
-        for name in ("pad_token_id", "eos_token_id"):
-            value = getattr(config, name, None)
-            value = value[0] if isinstance(value, list) else value
-            if value is not None:
-                return int(value)
-        return 0
+        Options are transformers' (see ``generation_options``): ``generation_config`` and
+        ``GenerationConfig`` fields as keyword arguments (``max_new_tokens`` (default 20),
+        ``num_beams``, ``do_sample``, ``temperature``, ``top_k`` (default 50, as in
+        transformers), ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
+        ``min_new_tokens``, ``bad_words_ids``, ``num_return_sequences`` (n), ``stop_strings``
+        (with ``tokenizer=``), ``length_penalty``, ``early_stopping``, ``output_scores``,
+        ``return_dict_in_generate``, ...), built into transformers' own processors and stopping
+        criteria; ``logits_processor`` / ``stopping_criteria`` add to them as in transformers;
+        ``streamer`` (``TextStreamer``, ``TextIteratorStreamer``) receives the prompt, then each
+        new token (batch of one, no beams). An option it cannot honour raises, naming it.
 
-    def _decode_state(self, media: MediaState | None) -> MediaState | None:
-        """After the prompt: each row keeps only the keys/values its new tokens will see."""
-        if media is None:
-            return None
-        counts = media.layout.media_index[:, -1:]  # last image index per row, -1 if none
-        if media.layout.policy != "immediate":
-            layout = MediaLayout.from_media_index(counts, media.layout.num_media, "all_previous")
-            return MediaState(None, layout, media.kv_cache)
-        rows = torch.arange(counts.shape[0], device=counts.device)
-        latest = counts[:, 0].clamp(min=0)
-        # Under `immediate` a new token sees only the latest image: gather its K/V once.
-        kv = {s: tuple(t[rows, latest].unsqueeze(1) for t in kv) for s, kv in media.kv_cache.items()}
-        return MediaState(None, MediaLayout.from_media_index(counts.clamp(max=0), 1, "immediate"), kv)
-
-    def _prompt_forward(self, input_ids, attention_mask, pixel_values, prefix) -> _Decoding:
+        A row stops at ``<|endofchunk|>`` or the LM's EOS (or ``eos_token_id``), at a stop
+        string or at ``max_new_tokens``; finished rows are filled with ``pad_token_id``.
+        ``<image>`` is never generated. ``prefix`` continues a :meth:`prefill` state exactly as
+        the whole prompt would. ``seed`` makes sampling reproducible (else torch's global RNG,
+        as transformers). ``return_prompt=True`` puts ``input_ids`` before the new tokens. With
+        ``return_dict_in_generate=True`` the result is transformers'
+        ``GenerateDecoderOnlyOutput`` / ``GenerateBeamDecoderOnlyOutput`` whose ``sequences``
+        are what would be returned otherwise (``scores``, ``logits``, ``beam_indices``,
+        ``sequences_scores`` as in transformers, ``logits`` with ``<image>`` removed; no attentions,
+        hidden states or cache).
+        """
+        config, default_length = resolve_config(generation_config, kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("prompts must be left-padded for generation "
                              "(processor(..., padding_side='left'))")
-        past = None
-        if prefix is not None:
-            past, attention_mask, media = self._continue_prefix(
-                prefix, input_ids, attention_mask, pixel_values
-            )
-        else:
-            media = self.media_state(input_ids, pixel_values)
-        out = self(input_ids=input_ids, attention_mask=attention_mask, media=media,
-                   past_key_values=past, use_cache=True, logits_to_keep=1)
-        return _Decoding(out.past_key_values, attention_mask, self._decode_state(media),
-                         out.logits[:, -1].float())
-
-    def _continue_prefix(self, prefix: PrefixState, input_ids, attention_mask, pixel_values):
-        """Caches of ``prefix`` repeated for each query, plus the queries' own images."""
-        b = input_ids.shape[0]
-        past = copy.deepcopy(prefix.past_key_values)
-        past.batch_repeat_interleave(b)
-        mask = torch.cat([prefix.attention_mask.expand(b, -1), attention_mask], dim=1)
-        earlier = None if prefix.latents is None else prefix.latents.expand(b, -1, -1, -1)
-        media = self.media_state(input_ids, pixel_values, earlier_latents=earlier)
-        if earlier is not None:  # the prefix images' K/V are reused, only new ones projected
-            media.prefix_kv = {s: tuple(t.expand(b, *t.shape[1:]) for t in kv)
-                               for s, kv in prefix.kv_cache.items()}
-        return past, mask, media
+        was_training = self.training
+        if was_training:
+            self.eval()
+        try:
+            plan = DecodingPlan.build(self, config, default_length, input_ids, attention_mask,
+                                      prefix, logits_processor, stopping_criteria, tokenizer,
+                                      streamer, seed)
+            state = _Decoding.after_prompt(self, input_ids, attention_mask, pixel_values, prefix)
+            beams = None
+            if config.num_beams > 1:
+                new, beams = _beam_search(self, state, plan)
+            else:
+                if config.num_return_sequences > 1:
+                    state.expand(config.num_return_sequences)
+                new = _sample(self, state, plan)
+        finally:
+            if was_training:
+                self.train()
+        if return_prompt:
+            rows = new.shape[0] // input_ids.shape[0]
+            new = torch.cat([input_ids.repeat_interleave(rows, 0), new], dim=1)
+        return plan.output(new, beams)
 
     @torch.no_grad()
     def prefill(
@@ -126,181 +109,187 @@ class GenerationMixin:
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
     ) -> PrefixState:
-        """Run a shared prefix (batch of one) once; pass the result as ``generate(prefix=...)``."""
+        """Run a shared prefix (batch of one) once; pass the result as ``generate(prefix=...)``
+        or ``forward(prefix=...)``."""
         if input_ids.shape[0] != 1:
             raise ValueError(f"prefill takes one shared prefix (batch of 1), got {input_ids.shape[0]}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        media = self.media_state(input_ids, pixel_values)
+        media = media_state(self, input_ids, pixel_values)
         out = self(input_ids=input_ids, attention_mask=attention_mask, media=media,
                    use_cache=True, logits_to_keep=1)
         if media is not None:  # every layer's K/V, also those no prefix token needed
             for layer in flamingo_layers(self.lm):
-                media.media_kv(layer.slot, layer.xattn)
+                media.media_kv(layer.xattn_index, layer.xattn)
         return PrefixState(out.past_key_values, attention_mask,
                            None if media is None else media.latents,
-                           {} if media is None else media.kv_cache, out.logits[:, -1])
+                           {} if media is None else media.kv_cache, out.logits[:, -1], input_ids)
 
-    def _step(self, state: _Decoding, tokens: torch.Tensor) -> None:
+
+@dataclass
+class _Decoding:
+    """Per-row caches and next-token logits shared by the decoding strategies."""
+
+    past_key_values: object
+    attention_mask: torch.Tensor
+    media: MediaState | None
+    logits: torch.Tensor  # [B, V] next-token logits after the prompt
+
+    @classmethod
+    def after_prompt(cls, model, input_ids, attention_mask, pixel_values, prefix) -> _Decoding:
+        """Run the (left-padded) prompts, after ``prefix`` if given, keeping every cache."""
+        past = None
+        if prefix is not None:
+            past, attention_mask, media = continue_prefix(
+                model, prefix, input_ids, attention_mask, pixel_values
+            )
+        else:
+            media = media_state(model, input_ids, pixel_values)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, media=media,
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
+        return cls(out.past_key_values, attention_mask,
+                   None if media is None else media.for_decoding(), out.logits[:, -1].float())
+
+    def expand(self, repeats: int) -> None:
+        """Repeat every row ``repeats`` times (beams), without recomputing anything."""
+        self.past_key_values.batch_repeat_interleave(repeats)
+        self.attention_mask = self.attention_mask.repeat_interleave(repeats, 0)
+        self.logits = self.logits.repeat_interleave(repeats, 0)
+        if self.media is not None:
+            self.media = self.media.repeated(repeats)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the rows ``rows`` in that order (beam search's surviving beams)."""
+        self.past_key_values.reorder_cache(rows)
+        self.attention_mask = self.attention_mask[rows]
+
+    def step(self, model, tokens: torch.Tensor) -> None:
         """Feed one new token per row; updates caches and next-token logits in place."""
-        state.attention_mask = torch.cat(
-            [state.attention_mask, state.attention_mask.new_ones(tokens.shape[0], 1)], dim=1
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones(tokens.shape[0], 1)], dim=1
         )
-        out = self(input_ids=tokens[:, None], attention_mask=state.attention_mask, media=state.media,
-                   past_key_values=state.past_key_values, use_cache=True)
-        state.past_key_values = out.past_key_values
-        state.logits = out.logits[:, -1].float()
+        out = model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                    media=self.media, past_key_values=self.past_key_values, use_cache=True)
+        self.past_key_values = out.past_key_values
+        self.logits = out.logits[:, -1].float()
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
-        num_beams: int = 1,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        length_penalty: float = 1.0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        prefix: PrefixState | None = None,
-        return_prompt: bool = False,
-        seed: int | None = None,
-        early_stopping: bool | str = False,
-    ) -> torch.Tensor:
-        """Continue left-padded prompts; returns the new token ids ``[B, n_new]``.
 
-        Stops a row at ``<|endofchunk|>`` or the LM's EOS (or ``eos_token_id``); finished rows
-        are filled with ``pad_token_id``. ``seed`` makes sampling reproducible. Beam search
-        (``num_beams > 1``) follows transformers: ``length_penalty`` and ``early_stopping``
-        (``True``, ``False`` or ``"never"``) mean what they mean there, with the same defaults.
-        """
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-        if num_beams > 1 and do_sample:
-            raise ValueError("choose beam search (num_beams > 1) or sampling, not both")
-        was_training = self.training
-        if was_training:
-            self.eval()
-        try:
-            stop = self._stop_ids(eos_token_id).to(input_ids.device)
-            pad = pad_token_id if pad_token_id is not None else self._default_pad()
-            state = self._prompt_forward(input_ids, attention_mask, pixel_values, prefix)
-            if num_beams > 1:
-                new = self._beam_search(state, num_beams, max_new_tokens, stop, pad,
-                                        length_penalty, early_stopping)
-            else:
-                generator = None
-                if seed is not None:
-                    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-                sampler = _Sampler(do_sample, temperature, top_p, top_k, generator)
-                new = self._sample(state, max_new_tokens, stop, pad, sampler)
-        finally:
-            if was_training:
-                self.train()
-        return torch.cat([input_ids, new], dim=1) if return_prompt else new
+def _sample(model, state: _Decoding, plan: DecodingPlan) -> torch.Tensor:
+    """Greedy or sampled decoding (transformers' ``_sample``): one token per row and step.
 
-    def _suppress(self, logits: torch.Tensor) -> torch.Tensor:
-        """A generated ``<image>`` would have no image: never emit it."""
-        logits[:, self.image_token_id] = float("-inf")
-        return logits
+    Each step: processed scores -> token (argmax or sample) -> finished rows get ``pad`` ->
+    stopping criteria on prompt + tokens; ends when every row has stopped.
+    """
+    ids = plan.prompt_ids
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    while True:
+        token = plan.choose(plan.next_scores(ids, state.logits, log_probs=False))
+        token = token.masked_fill(done, plan.pad)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        done |= plan.stops(ids)
+        plan.stream(token)
+        if bool(done.all()):  # one host sync per step
+            break
+        state.step(model, token)
+    return ids[:, plan.prompt_ids.shape[1]:]
 
-    def _sample(self, state: _Decoding, max_new: int, stop, pad: int, sampler) -> torch.Tensor:
-        b = state.logits.shape[0]
-        done = torch.zeros(b, dtype=torch.bool, device=state.logits.device)
-        out = []
-        for step in range(max_new):
-            token = sampler(self._suppress(state.logits))
-            token = token.masked_fill(done, pad)
-            out.append(token)
-            done |= torch.isin(token, stop)
-            if bool(done.all()) or step == max_new - 1:
-                break
-            self._step(state, token)
-        return torch.stack(out, dim=1)
 
-    def _beam_search(self, state: _Decoding, num_beams: int, max_new: int, stop: torch.Tensor,
-                     pad: int, length_penalty: float, early_stopping: bool | str) -> torch.Tensor:
-        """Beam search with the semantics of transformers' ``GenerationMixin._beam_search``.
+def _beam_search(model, state: _Decoding, plan: DecodingPlan) -> tuple[torch.Tensor, dict]:
+    """Beam search with the semantics of transformers' ``GenerationMixin._beam_search``.
 
-        Each row keeps ``num_beams`` running hypotheses (ranked by summed log-probability) and
-        its ``num_beams`` best finished ones, scored ``sum_logprob / n_new ** length_penalty``
-        where ``n_new`` counts the new tokens including the stop token. Only candidates among the
-        step's top ``num_beams`` may finish. A row takes no more finished hypotheses once it is
-        done: with ``early_stopping=True`` when it holds ``num_beams`` of them, otherwise when
-        its best running hypothesis can no longer beat its worst finished one (at its current
-        length, or at ``max_new`` with ``"never"`` and a positive ``length_penalty``). Every
-        flag is per row, so a row's answer does not depend on the other rows of the batch; the
-        loop ends when every row is done, or at ``max_new`` tokens.
-        """
-        b, k = state.logits.shape[0], num_beams
-        device = state.logits.device
-        state.expand(k)
-        keep = max(2, 1 + stop.numel()) * k  # enough candidates that k of them do not stop
-        may_finish = torch.arange(keep, device=device) < k
-        row_offset = torch.arange(b, device=device)[:, None] * k
-        running = torch.full((b, k, max_new), pad, dtype=torch.long, device=device)
-        running_scores = torch.zeros(b, k, device=device)
-        running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
-        finished, finished_scores = running.clone(), torch.full((b, k), -1e9, device=device)
-        finished_len = torch.zeros(b, k, dtype=torch.long, device=device)
-        is_finished = torch.zeros(b, k, dtype=torch.bool, device=device)
-        may_improve = torch.ones(b, 1, dtype=torch.bool, device=device)
-        for step in range(max_new):
-            logp = torch.log_softmax(self._suppress(state.logits), dim=-1)
-            vocab = logp.shape[-1]
-            cand = (logp.view(b, k, vocab) + running_scores[..., None]).view(b, k * vocab)
+    Each row keeps ``num_beams`` running hypotheses (ranked by summed processed
+    log-probability) and its ``num_beams`` best finished ones, scored ``sum_logprob / n_new **
+    length_penalty`` where ``n_new`` counts the new tokens including the last one. A candidate
+    finishes when it meets a stopping criterion (stop token, stop string, length...); only
+    candidates among the step's top ``num_beams`` may join the finished ones. A row takes no
+    more finished hypotheses once it is done: with ``early_stopping=True`` when it holds
+    ``num_beams`` of them, otherwise when its best running hypothesis can no longer beat its
+    worst finished one (at its current length, or at ``max_new`` with ``"never"`` and a
+    positive ``length_penalty``). Every flag is per row, so a row's answer does not depend on
+    the other rows of the batch; the loop ends when every row is done, or at ``max_new``
+    tokens. With ``do_sample`` the candidates are sampled (transformers' beam sampling).
+    Returns the best ``num_return_sequences`` hypotheses of each row ``[B * n, n_new]`` and
+    their ``sequences_scores`` and ``beam_indices``.
+    """
+    config = plan.config
+    b, k, max_new = state.logits.shape[0], config.num_beams, plan.max_new
+    length_penalty, early_stopping = config.length_penalty, config.early_stopping
+    device = state.logits.device
+    state.expand(k)
+    keep = max(2, 1 + plan.stop.numel()) * k  # enough candidates that k of them do not stop
+    may_finish = torch.arange(keep, device=device) < k
+    row_offset = torch.arange(b, device=device)[:, None] * k
+    prompt = plan.prompt_ids  # [b * k, P]: every beam of a row holds the row's prompt
+    prompt_of_candidates = prompt.view(b, k, -1)[:, :1].expand(-1, keep, -1).reshape(b * keep, -1)
+    running = torch.full((b, k, max_new), plan.pad, dtype=torch.long, device=device)
+    origin = torch.full((b, k, max_new), -1, dtype=torch.long, device=device)  # beam_indices
+    running_scores = torch.zeros(b, k, device=device)
+    running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
+    finished, finished_origin = running.clone(), origin.clone()
+    finished_scores = torch.full((b, k), -1e9, device=device)
+    finished_len = torch.zeros(b, k, dtype=torch.long, device=device)
+    is_finished = torch.zeros(b, k, dtype=torch.bool, device=device)
+    may_improve = torch.ones(b, 1, dtype=torch.bool, device=device)
+    for step in range(max_new):
+        ids = torch.cat([prompt, running[:, :, :step].reshape(b * k, step)], dim=1)
+        logp = plan.next_scores(ids, state.logits, log_probs=True)
+        vocab = logp.shape[-1]
+        cand = (logp.view(b, k, vocab) + running_scores[..., None]).view(b, k * vocab)
+        if config.do_sample:
+            top_idx = torch.multinomial(cand.softmax(-1), keep, generator=plan.generator)
+            top_scores = cand.gather(1, top_idx)
+        else:
             top_scores, top_idx = cand.topk(keep, dim=1)
-            parent = top_idx // vocab
-            seqs = _take(running, parent)
-            seqs[:, :, step] = top_idx % vocab
-            ends = torch.isin(seqs[:, :, step], stop) | (step == max_new - 1)
+        parent = top_idx // vocab
+        seqs, seq_origin = _take(running, parent), _take(origin, parent)
+        seqs[:, :, step] = top_idx % vocab
+        seq_origin[:, :, step] = parent + row_offset
+        candidates = torch.cat([prompt_of_candidates, seqs[:, :, : step + 1].reshape(b * keep, -1)], 1)
+        ends = plan.stops(candidates).view(b, keep) | (step == max_new - 1)
 
-            # The best k candidates that do not end keep running.
-            alive_scores = top_scores + ends.float() * -1e9
-            pick = alive_scores.topk(k, dim=1).indices
-            running, running_scores = _take(seqs, pick), _take(alive_scores, pick)
-            beam_rows = (_take(parent, pick) + row_offset).view(-1)
+        # The best k candidates that do not end keep running.
+        alive_scores = top_scores + ends.float() * -1e9
+        pick = alive_scores.topk(k, dim=1).indices
+        running, origin, running_scores = (_take(seqs, pick), _take(seq_origin, pick),
+                                           _take(alive_scores, pick))
+        beam_rows = (_take(parent, pick) + row_offset).view(-1)
 
-            # Candidates that end now join the finished ones if they are among the best k.
-            scores = top_scores / ((step + 1) ** length_penalty)
-            full = is_finished.all(1, keepdim=True) & (early_stopping is True)
-            scores = scores + full.float() * -1e9
-            scores = scores + (~may_improve).float() * -1e9
-            just_finished = ends & may_finish
-            scores = scores + (~just_finished).float() * -1e9
-            merged = torch.cat([finished_scores, scores], 1)
-            order = merged.topk(k, dim=1).indices
-            finished = _take(torch.cat([finished, seqs], 1), order)
-            finished_scores = _take(merged, order)
-            lengths = torch.full_like(top_idx, step + 1)
-            finished_len = _take(torch.cat([finished_len, lengths], 1), order)
-            is_finished = _take(torch.cat([is_finished, just_finished], 1), order)
+        # Candidates that end now join the finished ones if they are among the best k.
+        scores = top_scores / ((step + 1) ** length_penalty)
+        full = is_finished.all(1, keepdim=True) & (early_stopping is True)
+        scores = scores + full.float() * -1e9
+        scores = scores + (~may_improve).float() * -1e9
+        just_finished = ends & may_finish
+        scores = scores + (~just_finished).float() * -1e9
+        merged = torch.cat([finished_scores, scores], 1)
+        order = merged.topk(k, dim=1).indices
+        finished = _take(torch.cat([finished, seqs], 1), order)
+        finished_origin = _take(torch.cat([finished_origin, seq_origin], 1), order)
+        finished_scores = _take(merged, order)
+        lengths = torch.full_like(top_idx, step + 1)
+        finished_len = _take(torch.cat([finished_len, lengths], 1), order)
+        is_finished = _take(torch.cat([is_finished, just_finished], 1), order)
 
-            # Can a row's running beams still beat its finished ones?
-            hypothetical = step + 1
-            if early_stopping == "never" and length_penalty > 0:
-                hypothetical = max_new
-            best_running = running_scores[:, :1] / (hypothetical ** length_penalty)
-            worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values,
-                                         -1e9)
-            may_improve = may_improve & (best_running > worst_finished).any(1, keepdim=True)
-            done = ~may_improve.any() | ends.all()
-            if early_stopping is True:
-                done = done | is_finished.all()
-            if bool(done):  # one host sync per step
-                break
-            state.past_key_values.reorder_cache(beam_rows)
-            state.attention_mask = state.attention_mask[beam_rows]
-            self._step(state, running[:, :, step].reshape(-1))
-        return finished[:, 0, : int(finished_len[:, 0].max())]
+        # Can a row's running beams still beat its finished ones?
+        hypothetical = step + 1
+        if early_stopping == "never" and length_penalty > 0:
+            hypothetical = max_new
+        best_running = running_scores[:, :1] / (hypothetical ** length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values,
+                                     -1e9)
+        may_improve = may_improve & (best_running > worst_finished).any(1, keepdim=True)
+        done = ~may_improve.any() | ends.all()
+        if early_stopping is True:
+            done = done | is_finished.all()
+        if bool(done):  # one host sync per step
+            break
+        state.reorder(beam_rows)
+        state.step(model, running[:, :, step].reshape(-1))
+    n = config.num_return_sequences
+    length = int(finished_len[:, :n].max())
+    return finished[:, :n, :length].reshape(b * n, length), {
+        "sequences_scores": finished_scores[:, :n].reshape(-1),
+        "beam_indices": finished_origin[:, :n, :length].reshape(b * n, length)}
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -308,30 +297,3 @@ def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     while index.dim() < tensor.dim():
         index = index.unsqueeze(-1)
     return torch.take_along_dim(tensor, index, dim=1)
-
-
-class _Sampler:
-    """Greedy choice or temperature / top-k / top-p sampling of the next token."""
-
-    def __init__(self, do_sample, temperature, top_p, top_k, generator):
-        if do_sample and temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling")
-        if not 0 < top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        self.do_sample, self.temperature, self.top_p, self.top_k = do_sample, temperature, top_p, top_k
-        self.generator = generator
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.do_sample:
-            return logits.argmax(-1)
-        logits = logits / self.temperature
-        if self.top_k > 0:
-            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the token crossing top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

@@ -6,7 +6,11 @@ n-th block is wrapped by ``FlamingoLayer``, which applies its cross-attention bl
 hidden states and then calls the original block unchanged.
 
 Media reach the wrapped layers through ``media_scope``: a context variable set for the duration
-of one forward call. Nothing about a call stays on the layers after it returns.
+of one forward call (the only one in flamingo-kit). Nothing about a call stays on the layers
+after it returns.
+
+Reading order: ``media_scope``, ``FlamingoLayer``, ``find_decoder_layers``,
+``insert_cross_attention``; ``lm_body`` is the LM without its head.
 """
 
 from __future__ import annotations
@@ -14,40 +18,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flamingo_kit.cross_attention import GatedCrossAttentionBlock, MediaLayout
-
-
-@dataclass
-class MediaState:
-    """Everything the cross-attention layers need for one forward call.
-
-    ``kv_cache`` holds each layer's projected image keys/values; generation keeps the same dict
-    across decoding steps so they are computed once per image, not once per step.
-    """
-
-    latents: torch.Tensor | None  # [B, N, L, D] image latents (None once K/V are all cached)
-    layout: MediaLayout
-    kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # K/V of the first images, computed earlier (a shared prefix): only the rest are projected.
-    prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def media_kv(self, slot: int, block: GatedCrossAttentionBlock):
-        """Keys/values of layer ``slot``, projected on first use and cached."""
-        if slot not in self.kv_cache:
-            done = self.prefix_kv.get(slot)
-            n_done = 0 if done is None else done[0].shape[1]
-            kv = block.project_media(self.latents[:, n_done:])
-            if done is not None:
-                kv = tuple(torch.cat([old, new], dim=1) for old, new in zip(done, kv))
-            self.kv_cache[slot] = kv
-        return self.kv_cache[slot]
-
+from flamingo_kit.cross_attention import GatedCrossAttentionBlock
+from flamingo_kit.media import MediaState
 
 _ACTIVE_MEDIA: ContextVar[MediaState | None] = ContextVar("flamingo_media", default=None)
 
@@ -74,11 +51,11 @@ class FlamingoLayer(nn.Module):
     wrapped block, so the LM's own forward code runs unchanged.
     """
 
-    def __init__(self, decoder_layer: nn.Module, xattn: GatedCrossAttentionBlock, slot: int):
+    def __init__(self, decoder_layer: nn.Module, xattn: GatedCrossAttentionBlock, xattn_index: int):
         super().__init__()
         self.decoder_layer = decoder_layer
         self.xattn = xattn
-        self.slot = slot
+        self.xattn_index = xattn_index  # the n-th cross-attention layer: its key in K/V caches
         # Recompute this layer in backward instead of storing its activations. The LM's own
         # checkpointing does not apply: a frozen LM stays in eval mode.
         self.activation_checkpointing = False
@@ -94,16 +71,29 @@ class FlamingoLayer(nn.Module):
         rest = args[1:]
         state = current_media()
         # Image K/V are computed outside any checkpointed region: they are cached per call.
-        kv = state.media_kv(self.slot, self.xattn) if state is not None else None
+        kv = state.media_kv(self.xattn_index, self.xattn) if state is not None else None
 
         def run(hidden):
-            if kv is not None:
-                hidden = self.xattn(hidden, kv, state.layout)
+            if kv is not None or self.xattn.ff_all_tokens:
+                hidden = self.xattn(hidden, kv, state.layout if kv is not None else None)
             return self.decoder_layer(hidden, *rest, **kwargs)
 
         if self.activation_checkpointing and torch.is_grad_enabled():
             return checkpoint(run, hidden, use_reentrant=False)
         return run(hidden)
+
+
+def lm_body(lm: nn.Module) -> nn.Module:
+    """The causal LM without its head (HF's ``base_model``), which returns the last hidden states.
+
+    ``FlamingoModel`` calls the body and then the head itself, so that it can add the media
+    tokens' logits in plain sight.
+    """
+    body = lm.base_model
+    if body is lm:
+        raise ValueError(f"{type(lm).__name__} has no body module apart from its head "
+                         f"(base_model_prefix {lm.base_model_prefix!r} names no submodule)")
+    return body
 
 
 def num_decoder_layers(lm: nn.Module) -> int:
@@ -154,9 +144,9 @@ def insert_cross_attention(
     """Wrap every ``every_n``-th decoder block of ``lm`` in place; return the new blocks."""
     layers = find_decoder_layers(lm)
     blocks = []
-    for slot, index in enumerate(cross_attention_layer_indices(len(layers), every_n)):
+    for xattn_index, index in enumerate(cross_attention_layer_indices(len(layers), every_n)):
         block = make_block()
-        layers[index] = FlamingoLayer(layers[index], block, slot)
+        layers[index] = FlamingoLayer(layers[index], block, xattn_index)
         blocks.append(block)
     if not blocks:
         raise ValueError(

@@ -1,7 +1,9 @@
 """FlamingoModel: a frozen decoder LM and vision tower joined by a resampler and cross-attention.
 
-Reading order: ``from_parts`` (assembly), ``forward`` (embed -> encode images -> LM with media in
-scope -> logits), then saving and loading. Generation lives in ``generation.py``.
+Reading order: ``from_parts`` (assembly), ``forward`` (encode images -> embed -> LM body with
+media in scope -> logits from the LM head plus the media-token rows), then saving and loading.
+Image encoding and media state live in ``media.py``, the media tokens' rows in
+``media_tokens.py``, decoding (``generate``, ``prefill``) in ``generation.py``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,26 +21,31 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from flamingo_kit.backbones import VisionEncoder, load_lm, load_vision
+from flamingo_kit.batching import IGNORE_INDEX
 from flamingo_kit.config import FlamingoConfig
-from flamingo_kit.cross_attention import GatedCrossAttentionBlock, MediaLayout
-from flamingo_kit.generation import GenerationMixin, PrefixState
+from flamingo_kit.cross_attention import GatedCrossAttentionBlock
+from flamingo_kit.generation import GenerationMixin
 from flamingo_kit.lm_integration import (
-    MediaState,
     flamingo_layers,
     insert_cross_attention,
+    lm_body,
     media_scope,
 )
+from flamingo_kit.media import MediaState, PrefixState, continue_prefix, media_state
+from flamingo_kit.media_tokens import MediaTokens, media_token_ids
 from flamingo_kit.part_records import load_recorded_part, record_part
-from flamingo_kit.parts import VisionEncoder, load_lm, load_vision
 from flamingo_kit.perceiver import PerceiverResampler
-
-# The model whose forward call is in progress: its LM-head hook then adds media-token logits.
-_CALLING_MODEL: ContextVar[nn.Module | None] = ContextVar("flamingo_model", default=None)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# 2: frozen parts recorded with fingerprints, relative paths (1: absolute paths only).
-FORMAT_VERSION = 2
+# 3: media-token rows saved as ``media_tokens.*``; 2: frozen parts recorded with fingerprints,
+# relative paths; 1: absolute paths only.
+FORMAT_VERSION = 3
+# Names of the media-token rows in model.safetensors before format_version 3.
+LEGACY_KEYS = {"new_token_embeddings": "media_tokens.embedding.weight",
+               "new_token_head": "media_tokens.head.weight",
+               "new_token_head_bias": "media_tokens.head.bias"}
 
 
 @dataclass
@@ -54,11 +60,11 @@ class FlamingoOutput(ModelOutput):
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy (fp32) over labels that are not -100 nor padding."""
+    """Mean next-token cross-entropy (fp32) over labels that are not IGNORE_INDEX nor padding."""
     if attention_mask is not None:
-        labels = labels.masked_fill(attention_mask == 0, -100)
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
     )
 
 
@@ -73,15 +79,22 @@ class FlamingoModel(GenerationMixin, nn.Module):
     def __init__(self, lm: nn.Module, vision: nn.Module, config: FlamingoConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(vision)
+        lm_body(lm)  # fails early for an LM without a separate body
+        config.image_token_id, config.eoc_token_id = media_token_ids(
+            lm, config.image_token_id, config.eoc_token_id)
+        self.image_token_id, self.eoc_token_id = config.image_token_id, config.eoc_token_id
         lm_dim = lm.config.get_text_config().hidden_size
-        self._init_media_token_ids(lm, config)
         if config.lora:
             lm = _inject_lora(lm, config.lora)
+        # The trainable rows of <image> and <|endofchunk|> (embedding and head) beside the LM's.
+        self.media_tokens = MediaTokens(lm, self.image_token_id, self.eoc_token_id)
+        self.vision = VisionEncoder(vision, config.vision_features, config.vision_drop_cls)
+        # Width of the latents that cross-attention reads keys/values from.
+        media_dim = lm_dim if config.perceiver_output_proj else self.vision.hidden_size
         self.lm = lm
         self.perceiver = PerceiverResampler(
             dim=self.vision.hidden_size,
-            out_dim=lm_dim,
+            out_dim=lm_dim if config.perceiver_output_proj else None,
             num_latents=config.perceiver_num_latents,
             depth=config.perceiver_depth,
             heads=config.perceiver_heads,
@@ -94,11 +107,11 @@ class FlamingoModel(GenerationMixin, nn.Module):
         insert_cross_attention(
             lm,
             lambda: GatedCrossAttentionBlock(
-                lm_dim, lm_dim, config.xattn_heads, config.xattn_dim_head, config.xattn_ff_mult
+                lm_dim, media_dim, config.xattn_heads, config.xattn_dim_head,
+                config.xattn_ff_mult, ff_all_tokens=config.xattn_ff_all_tokens,
             ),
             config.cross_attn_every_n_layers,
         )
-        self._init_new_token_rows()
         self._apply_freezing()
 
     # -- assembly ---------------------------------------------------------------------------
@@ -126,40 +139,6 @@ class FlamingoModel(GenerationMixin, nn.Module):
 
             config.image_token_id, config.eoc_token_id = add_flamingo_tokens(tokenizer)
         return cls(lm, vision, config)
-
-    def _init_media_token_ids(self, lm: nn.Module, config: FlamingoConfig) -> None:
-        vocab = lm.get_input_embeddings().num_embeddings
-        if config.image_token_id is None:
-            config.image_token_id = vocab
-        if config.eoc_token_id is None:
-            config.eoc_token_id = config.image_token_id + 1
-        if config.image_token_id == config.eoc_token_id:
-            raise ValueError("image_token_id and eoc_token_id must differ")
-        self.image_token_id, self.eoc_token_id = config.image_token_id, config.eoc_token_id
-        self.register_buffer(
-            "media_token_ids",
-            torch.tensor([config.image_token_id, config.eoc_token_id]),
-            persistent=False,
-        )
-        self.vocab_size = max(vocab, lm.get_output_embeddings().weight.shape[0],
-                              config.image_token_id + 1, config.eoc_token_id + 1)
-
-    @torch.no_grad()
-    def _init_new_token_rows(self) -> None:
-        """New-token rows start at the mean of the LM's rows: plausible, not dominant."""
-        embed = self.lm.get_input_embeddings()
-        n, total = embed.num_embeddings, None
-        for start in range(0, n, 8192):  # chunked: vocabularies can be large
-            ids = torch.arange(start, min(n, start + 8192), device=embed.weight.device)
-            part = embed(ids).float().sum(0)
-            total = part if total is None else total + part
-        self.new_token_embeddings = nn.Parameter((total / n).repeat(2, 1))
-        head = self.lm.get_output_embeddings()
-        self.new_token_head = nn.Parameter(head.weight.float().mean(0).repeat(2, 1))
-        bias = getattr(head, "bias", None)
-        init_bias = bias.float().mean() if bias is not None else torch.tensor(0.0)
-        self.new_token_head_bias = nn.Parameter(init_bias.repeat(2))
-        self._head_hook = head.register_forward_hook(self._extend_logits)
 
     def _apply_freezing(self) -> None:
         cfg = self.config
@@ -208,7 +187,7 @@ class FlamingoModel(GenerationMixin, nn.Module):
                 parts["perceiver"].append(p)
             elif ".xattn." in name:
                 parts["cross-attention"].append(p)
-            elif name.startswith("new_token"):
+            elif name.startswith("media_tokens."):
                 parts["new-token rows"].append(p)
             else:
                 parts["lm (incl. LoRA)"].append(p)
@@ -219,94 +198,6 @@ class FlamingoModel(GenerationMixin, nn.Module):
         return "\n".join(lines)
 
     # -- forward ----------------------------------------------------------------------------
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings: the frozen table, except media tokens from the trainable rows."""
-        embed = self.lm.get_input_embeddings()
-        is_image = input_ids == self.image_token_id
-        is_new = is_image | (input_ids == self.eoc_token_id)
-        base_ids = input_ids.masked_fill(is_new, 0)
-        bad = (base_ids < 0) | (base_ids >= embed.num_embeddings)
-        if bool(bad.any()):
-            where = tuple(bad.nonzero()[0].tolist())
-            raise ValueError(
-                f"input_ids{list(where)} = {int(input_ids[where])} is not a token id: the LM "
-                f"vocabulary is 0..{embed.num_embeddings - 1}, the media tokens "
-                f"{self.image_token_id} and {self.eoc_token_id}")
-        base = embed(base_ids)
-        new = self.new_token_embeddings[(~is_image).long()].to(base.dtype)
-        return torch.where(is_new[..., None], new, base)
-
-    def _extend_logits(self, module, args, logits):
-        """Forward hook on the LM head: add the media tokens' logits inside Flamingo calls."""
-        if _CALLING_MODEL.get() is not self:
-            return None
-        hidden = args[0]
-        extra = F.linear(hidden, self.new_token_head.to(hidden.dtype),
-                         self.new_token_head_bias.to(hidden.dtype)).to(logits.dtype)
-        if logits.shape[-1] < self.vocab_size:
-            pad = logits.new_full((*logits.shape[:-1], self.vocab_size - logits.shape[-1]),
-                                  torch.finfo(logits.dtype).min)
-            logits = torch.cat([logits, pad], dim=-1)
-        return logits.index_copy(-1, self.media_token_ids, extra)
-
-    def encode_images(
-        self, pixel_values: torch.Tensor, counts: torch.Tensor, first_position: int = 0
-    ) -> torch.Tensor:
-        """Latents ``[B, N, L, D]`` of the first ``counts[b]`` images of each row (others 0).
-
-        Image n of a row is the sequence's image ``first_position + n`` (its media-position
-        embedding): ``first_position`` counts the images of a cached prefix before it.
-        """
-        b, n = pixel_values.shape[:2]
-        valid = torch.arange(n, device=counts.device)[None] < counts[:, None]
-        positions = (torch.arange(n, device=counts.device) + first_position).expand(b, n)[valid]
-        patches = self.vision(pixel_values[valid.to(pixel_values.device)])
-        latents = self.perceiver(patches.to(self.perceiver.latents.dtype), positions)
-        out = latents.new_zeros(b, n, *latents.shape[1:])
-        return out.index_put((valid,), latents)
-
-    def media_state(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        earlier_latents: torch.Tensor | None = None,
-    ) -> MediaState | None:
-        """Encode the images of a batch and lay out which token sees which image.
-
-        ``earlier_latents`` ``[B, N0, L, D]`` are the images of a cached prefix that
-        ``input_ids`` continue: the new images are the sequence's images N0, N0+1, ... both for
-        their media-position embeddings and for the layout, exactly as in the whole prompt.
-        """
-        counts = (input_ids == self.image_token_id).sum(1)
-        n_max = int(counts.max()) if counts.numel() else 0
-        n_before = 0 if earlier_latents is None else earlier_latents.shape[1]
-        if n_max == 0 and n_before == 0:
-            return None
-        latents = earlier_latents
-        if n_max:
-            if pixel_values is None:
-                raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
-            if pixel_values.dim() == 5:  # [B, N, C, H, W]: one frame per image
-                pixel_values = pixel_values.unsqueeze(2)
-            if pixel_values.dim() != 6 or pixel_values.shape[0] != input_ids.shape[0]:
-                raise ValueError(
-                    f"pixel_values must be [B, N_images, F, C, H, W] with B={input_ids.shape[0]}, "
-                    f"got {tuple(pixel_values.shape)}"
-                )
-            if pixel_values.shape[1] < n_max:
-                raise ValueError(
-                    f"a row has {n_max} <image> tokens but pixel_values holds only "
-                    f"{pixel_values.shape[1]} images per row"
-                )
-            new = self.encode_images(pixel_values, counts, first_position=n_before)
-            latents = new if earlier_latents is None else torch.cat([earlier_latents, new], dim=1)
-        images_before = None
-        if n_before:
-            images_before = torch.full((input_ids.shape[0],), n_before, device=input_ids.device)
-        layout = MediaLayout.build(input_ids, self.image_token_id, latents.shape[1],
-                                   self.config.media_policy, images_before=images_before)
-        return MediaState(latents, layout)
 
     def forward(
         self,
@@ -319,14 +210,18 @@ class FlamingoModel(GenerationMixin, nn.Module):
         use_cache: bool = False,
         media: MediaState | None = None,
         prefix: PrefixState | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **lm_kwargs,
     ) -> FlamingoOutput:
         """Logits over the LM vocabulary plus the media tokens; loss when ``labels`` given.
 
-        ``media`` (from :meth:`media_state`, or a generation cache) replaces ``pixel_values``.
-        With ``prefix`` (from :meth:`prefill`) each row continues the cached prefix: the logits
-        are those of ``input_ids`` only, and rows may be right-padded (e.g. to score answers);
-        ``labels`` then align with ``input_ids`` and the prefix's last logits score the first.
+        ``media`` (from :func:`~flamingo_kit.media.media_state`, or a generation cache) replaces
+        ``pixel_values``. With ``prefix`` (from :meth:`prefill`) each row continues the cached
+        prefix: the logits are those of ``input_ids`` only, and rows may be right-padded (e.g. to
+        score answers); ``labels`` then align with ``input_ids`` and the prefix's last logits
+        score the first.
+        ``logits_to_keep`` means what it means in transformers (``n``: the last n positions; 0:
+        all). Other keyword arguments go to the LM's body.
         """
         if prefix is not None:
             if past_key_values is not None or media is not None:
@@ -335,38 +230,41 @@ class FlamingoModel(GenerationMixin, nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             if labels is not None:
                 labels = self._labels_after_prefix(labels, attention_mask)
-            past_key_values, attention_mask, media = self._continue_prefix(
-                prefix, input_ids, attention_mask, pixel_values
+            past_key_values, attention_mask, media = continue_prefix(
+                self, prefix, input_ids, attention_mask, pixel_values
             )
             use_cache = True
-        elif media is None:
-            media = self.media_state(input_ids, pixel_values)
+        elif media is None:  # encode the images: vision tower -> resampler, plus the layout
+            media = media_state(self, input_ids, pixel_values)
         if position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left padding does not shift them.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             position_ids = position_ids[:, -input_ids.shape[1]:]
-        calling = _CALLING_MODEL.set(self)
-        try:
-            with media_scope(media):
-                out = self.lm(
-                    inputs_embeds=self.embed(input_ids),
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=past_key_values,
-                    use_cache=use_cache,
-                    **lm_kwargs,
-                )
-        finally:
-            _CALLING_MODEL.reset(calling)
+        # The LM's frozen table embeds its vocabulary, the media tokens' own rows embed them.
+        embeds = self.media_tokens.embedding(input_ids, self.lm.get_input_embeddings())
+        with media_scope(media):  # the cross-attention layers read the images from here
+            out = lm_body(self.lm)(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **lm_kwargs,
+            )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        # Logits: the LM's frozen head scores its vocabulary; the media tokens' own head rows
+        # score <image> and <|endofchunk|>.
+        logits = self.media_tokens.head(out.last_hidden_state[:, keep],
+                                        self.lm.get_output_embeddings())
         loss = None
         if labels is not None and prefix is not None:
             # Target t of the input is predicted by the logits before it: the prefix's last
             # logits for t = 0, the input's own for the others (``labels`` were shifted to match).
             first = prefix.logits[:, None].expand(input_ids.shape[0], 1, -1)
-            loss = causal_lm_loss(torch.cat([first.to(out.logits.dtype), out.logits], 1), labels)
+            loss = causal_lm_loss(torch.cat([first.to(logits.dtype), logits], 1), labels)
         elif labels is not None:
-            loss = causal_lm_loss(out.logits, labels, attention_mask)
-        return FlamingoOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values)
+            loss = causal_lm_loss(logits, labels, attention_mask)
+        return FlamingoOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
     @staticmethod
     def _labels_after_prefix(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -374,8 +272,8 @@ class FlamingoModel(GenerationMixin, nn.Module):
         if labels.shape != attention_mask.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
                              f"{tuple(attention_mask.shape)}")
-        labels = labels.masked_fill(attention_mask == 0, -100)
-        return F.pad(labels, (1, 0), value=-100)
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return F.pad(labels, (1, 0), value=IGNORE_INDEX)
 
     # -- saving and loading -----------------------------------------------------------------
 
@@ -385,7 +283,7 @@ class FlamingoModel(GenerationMixin, nn.Module):
 
         def saved(key: str) -> bool:
             return (
-                key.startswith(("perceiver.", "new_token_"))
+                key.startswith(("perceiver.", "media_tokens."))
                 or ".xattn." in key
                 or (bool(cfg.lora) and "lora_" in key)
                 or (not cfg.freeze_lm and key.startswith("lm."))
@@ -443,7 +341,8 @@ class FlamingoModel(GenerationMixin, nn.Module):
         config); a mismatch raises :class:`~flamingo_kit.part_records.PartMismatchError` naming the
         part, unless ``allow_different_parts=True`` (a deliberate swap; then it warns). Parts
         load in their recorded dtype (the fingerprint is of those bytes); ``dtype`` then casts
-        the whole model. Directories of format_version 1 (no fingerprints) load with a warning.
+        the whole model. Directories of format_version 1 (no fingerprints) load with a warning;
+        those of versions 1 and 2 name the media-token rows as in :data:`LEGACY_KEYS`.
         Nothing read here can execute code: JSON, safetensors, and HF loads without remote code.
         """
         directory = os.fspath(directory)
@@ -459,7 +358,10 @@ class FlamingoModel(GenerationMixin, nn.Module):
         vision, config.vision_source = load_recorded_part(
             "vision", config.vision_source, directory, vision, verify, allow_different_parts)
         model = cls(lm, vision, config)
-        model.load_trainable_state(_read_weights(os.path.join(directory, WEIGHTS_NAME)))
+        tensors = _read_weights(os.path.join(directory, WEIGHTS_NAME))
+        if version < 3:
+            tensors = {LEGACY_KEYS.get(key, key): value for key, value in tensors.items()}
+        model.load_trainable_state(tensors)
         if dtype is not None:
             model.to(dtype)
         return model.to(device) if device is not None else model

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from flamingo_kit.backbones import lm_context_length, load_lm, load_vision
 from flamingo_kit.fingerprint import (
     config_differences,
     config_summary,
@@ -31,7 +32,6 @@ from flamingo_kit.fingerprint import (
     weights_sha256,
 )
 from flamingo_kit.lm_integration import bare_lm_state_dict
-from flamingo_kit.parts import lm_context_length, load_lm, load_vision
 
 PART_NAMES = {"lm": "LM", "vision": "vision tower"}
 

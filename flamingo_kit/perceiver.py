@@ -55,12 +55,15 @@ class PerceiverResampler(nn.Module):
     an object's shape from its patch tokens 37-48% of the time, a per-patch MLP then max-pool
     92%). ``patch_ff_mult > 0`` adds a trainable pre-norm MLP applied to every patch token
     (residually) before the latents attend to them; 0 (the default) is Flamingo's resampler.
+
+    ``max_media=0`` / ``max_frames=0`` build a resampler without them and ``out_dim=None`` one
+    without the output projection (latents keep the vision width): OpenFlamingo's resampler.
     """
 
     def __init__(
         self,
         dim: int,
-        out_dim: int,
+        out_dim: int | None,
         num_latents: int = 64,
         depth: int = 6,
         heads: int = 8,
@@ -76,31 +79,37 @@ class PerceiverResampler(nn.Module):
         # swamped by the shared attention update and collapse to one vector, which makes
         # cross-attention uniform (and its query weights get no gradient).
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
-        self.frame_embs = nn.Parameter(torch.zeros(max_frames, dim))
-        self.media_pos_embs = nn.Parameter(torch.zeros(max_media, dim))
+        self.frame_embs = nn.Parameter(torch.zeros(max_frames, dim)) if max_frames else None
+        self.media_pos_embs = nn.Parameter(torch.zeros(max_media, dim)) if max_media else None
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, out_dim, bias=False)
+        self.proj = nn.Linear(dim, out_dim, bias=False) if out_dim is not None else None
 
     def forward(self, patches: torch.Tensor, media_positions: torch.Tensor) -> torch.Tensor:
         """patches ``[M, F, P, D]``, media_positions ``[M]`` -> latents ``[M, L, out_dim]``."""
         m, frames = patches.shape[:2]
-        if frames > self.frame_embs.shape[0]:
-            raise ValueError(f"{frames} frames per image, more than max_frames={len(self.frame_embs)}")
-        if m and int(media_positions.max()) >= self.media_pos_embs.shape[0]:
-            raise ValueError(
-                f"image position {int(media_positions.max())} exceeds perceiver_max_media="
-                f"{self.media_pos_embs.shape[0]}"
-            )
+        x = patches
         if self.patch_ff is not None:
-            patches = patches + self.patch_ff(patches)
-        x = patches + self.frame_embs[:frames, None] + self.media_pos_embs[media_positions, None, None]
+            x = x + self.patch_ff(x)
+        if self.frame_embs is not None:
+            if frames > self.frame_embs.shape[0]:
+                raise ValueError(
+                    f"{frames} frames per image, more than max_frames={len(self.frame_embs)}")
+            x = x + self.frame_embs[:frames, None]
+        if self.media_pos_embs is not None:
+            if m and int(media_positions.max()) >= self.media_pos_embs.shape[0]:
+                raise ValueError(
+                    f"image position {int(media_positions.max())} exceeds perceiver_max_media="
+                    f"{self.media_pos_embs.shape[0]}"
+                )
+            x = x + self.media_pos_embs[media_positions, None, None]
         x = x.flatten(1, 2)  # all frames of one image form one token set
         latents = self.latents.expand(m, -1, -1)
         for attn, ff in self.layers:
             latents = latents + attn(x, latents)
             latents = latents + ff(latents)
-        return self.proj(self.norm(latents))
+        latents = self.norm(latents)
+        return self.proj(latents) if self.proj is not None else latents

@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
-from benchmarks import common, cross_attention, generation, train_step
+from benchmarks import common, cross_attention, generation, ptb_tokenizer, train_step
+from benchmarks import data as data_benchmark
+from benchmarks import eval as eval_benchmark
+from eval_fewshot.metrics.java_ptb import java_available
 
 SMOKE = ["--smoke", "--threads", "1"]
 
@@ -42,6 +45,16 @@ def test_cross_attention_smoke_measures_all_calls():
             assert _finite_positive(results[name, n]["per_token"])
 
 
+def test_eval_smoke_times_both_modes_with_identical_predictions():
+    results = eval_benchmark.main(SMOKE)
+    assert _finite_positive(results["whole prompts"]) and _finite_positive(results["prefix reuse"])
+    assert results["identical"]
+
+
+def test_data_smoke_measures_the_loader():
+    assert _finite_positive(data_benchmark.main(SMOKE)[0])
+
+
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -62,8 +75,7 @@ def test_same_parts_train_in_both_models():
     ours, theirs = common.build_ours(shape), common.build_idefics(shape)
     our_parts = {"xattn" if ".xattn." in n else n.split(".")[0]
                  for n, p in ours.named_parameters() if p.requires_grad}
-    assert our_parts == {"perceiver", "xattn", "new_token_embeddings", "new_token_head",
-                         "new_token_head_bias"}
+    assert our_parts == {"perceiver", "xattn", "media_tokens"}
     their_trainable = [n for n, p in theirs.named_parameters() if p.requires_grad]
     assert all(n.startswith(("model.perceiver_resampler.", "model.gated_cross_attn_layers.",
                              "model.embed_tokens.additional_", "lm_head.additional_"))
@@ -115,3 +127,12 @@ def test_peak_memory_counts_live_tensors():
         return kept
 
     assert common.peak_memory_mib(allocate, torch.device("cpu")) == pytest.approx(3.0)
+
+
+def test_ptb_tokenizer_benchmark_counts_agreement():
+    if not java_available():
+        pytest.skip("java is not installed: the benchmark compares with the Java tokenizer")
+    results = ptb_tokenizer.main(["--captions", "40", "--hard", "20"])
+    captions = results["COCO-style captions"]
+    assert captions["strings"] == captions["scored"] == captions["raw"] == 40
+    assert 0 < results["hard strings"]["scored"] <= 20

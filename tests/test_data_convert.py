@@ -11,7 +11,7 @@ from data_pipelines.cli import main
 from data_pipelines.convert import ImageName, convert, mmc4_items
 from data_pipelines.loading import SourceConfig, build_loader
 from data_pipelines.tokenizer import train_tokenizer
-from flamingo_kit.tiny import image_processor
+from flamingo_kit.from_scratch import image_processor
 
 SENTENCES = ["first sentence here.", "second sentence here.", "third sentence here."]
 

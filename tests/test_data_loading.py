@@ -12,7 +12,7 @@ from PIL import Image
 from data_pipelines.loading import SourceConfig, build_loader
 from data_pipelines.shards import interleaved_sample, json_bytes, png_bytes, write_shards
 from data_pipelines.tokenizer import train_tokenizer
-from flamingo_kit.tiny import image_processor
+from flamingo_kit.from_scratch import image_processor
 
 TEXTS = ["sample 0123 is a red circle.", "pair 4567 shows a blue square.", "the end 89."] * 20
 

@@ -12,7 +12,7 @@ from data_pipelines.loading import SourceConfig, build_loader
 from data_pipelines.shards import interleaved_sample, write_shards
 from data_pipelines.streams import SourceStream
 from data_pipelines.tokenizer import train_tokenizer
-from flamingo_kit.tiny import image_processor
+from flamingo_kit.from_scratch import image_processor
 
 
 @pytest.fixture(scope="module")

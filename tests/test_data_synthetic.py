@@ -22,7 +22,7 @@ from data_pipelines.synthetic.language import (
 )
 from data_pipelines.synthetic.scenes import COLORS, SHAPES, UniqueImages, render, sample_scene
 from data_pipelines.tokenizer import train_tokenizer
-from flamingo_kit.tiny import image_processor
+from flamingo_kit.from_scratch import image_processor
 
 SMALL = dict(n_pairs=40, n_docs=30, n_corpus=60, n_eval=12, n_episodes=3, image_size=32,
              shard_size=10)

@@ -1,14 +1,32 @@
 """Prefix reuse (one shared demo set, prefilled once) gives the same predictions as whole prompts."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from eval_fewshot.inference import FewShotModel
+from eval_fewshot.inference import FewShotModel, TokenBoundaryError
 from eval_fewshot.prompts import build_prompt
 from eval_fewshot.runner import EvalConfig, Evaluator
 from eval_fewshot.tasks import get_task
 from eval_fewshot.toy import build_toy_model, write_toy_eval_sets
 from flamingo_kit import FlamingoModel, FlamingoProcessor
+
+
+@torch.no_grad()
+def rank_uncached(model: FewShotModel, prompt, choices) -> list[float]:
+    """The reference for ``FewShotModel.rank``: no prefix cache, the whole prompt repeated for
+    every choice, each choice scored by the mean log-probability of its tokens."""
+    context, conts = model._choice_ids(prompt.text, choices)
+    rows = [context + c for c in conts]
+    batch = model._collate(rows, [prompt.images] * len(rows), side="right")
+    logp = torch.log_softmax(model.model(**batch).logits.float(), dim=-1)
+    scores = []
+    for b, c in enumerate(conts):
+        positions = torch.arange(len(context) - 1, len(context) - 1 + len(c))
+        targets = torch.tensor(c, device=logp.device)
+        scores.append(float(logp[b, positions, targets].mean()))
+    return scores
 
 
 @pytest.fixture(scope="module")
@@ -59,5 +77,36 @@ def test_rank_with_cached_context_equals_uncached(toy):
     prompt = build_prompt(task.template, data.pools[query.pool][:4], query)
     choices = data.choices[query.pool] + ["a longer answer"]
     cached = model.rank(prompt, choices)
-    assert cached == pytest.approx(model.rank_uncached(prompt, choices), abs=1e-4)
+    assert cached == pytest.approx(rank_uncached(model, prompt, choices), abs=1e-4)
     assert len(set(round(s, 4) for s in cached)) == len(choices)
+
+
+def test_prefix_ids_raises_its_own_error_at_a_merging_boundary(toy):
+    _, model = toy
+    # "re" + "d" tokenise apart, but "red" inside the whole prompt is one token.
+    assert model.prefix_ids("Output: red", ["<image>Output:"])
+    with pytest.raises(TokenBoundaryError):
+        model.prefix_ids("Output: re", ["d circle"])
+
+
+def test_only_token_boundary_errors_fall_back_to_whole_prompts(toy, monkeypatch):
+    """Another ValueError from prefill (e.g. too many images for the perceiver) must surface."""
+    world, model = toy
+    task = get_task("synth_vqa", num_beams=1, max_new_tokens=3)
+    data = task.load(world)
+    config = EvalConfig(shots=[2], trials=1, fixed_demos=True, limit=4)
+    whole = Evaluator(task, data, model, replace(config, prefix_reuse=False)).run()
+
+    def overflow(*args, **kwargs):
+        raise ValueError("image position 2 exceeds perceiver_max_media=2")
+
+    monkeypatch.setattr(model, "prefill", overflow)
+    with pytest.raises(ValueError, match="perceiver_max_media"):
+        Evaluator(task, data, model, config).run()
+
+    def boundary(*args, **kwargs):
+        raise TokenBoundaryError("query 'x' does not tokenise the same after the context")
+
+    monkeypatch.setattr(model, "prefill", boundary)
+    fallback = Evaluator(task, data, model, config).run()
+    assert fallback[0].trials[0]["predictions"] == whole[0].trials[0]["predictions"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import build_model, open_gates, random_image
+from flamingo_kit.from_scratch import open_gates
+from tests.conftest import build_model, random_image
 
 
 def reference_greedy(model, ids, mask, pixels, max_new, stop):
@@ -68,7 +69,7 @@ def test_prefix_reuse_gives_full_prompt_tokens_and_runs_prefix_once(processor):
 
     vision_calls = count_calls(model.vision.tower)
     lm_calls = []
-    model.lm.register_forward_pre_hook(
+    model.lm.base_model.register_forward_pre_hook(
         lambda m, a, kw: lm_calls.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
     )
     prefix_batch = processor([demos])
@@ -125,7 +126,7 @@ def test_sampling_is_seeded_and_respects_limits(processor):
 def test_stops_at_end_of_chunk_and_pads(processor):
     model = build_model("llama", processor=processor).eval()
     with torch.no_grad():  # make <|endofchunk|> the most likely token right away
-        model.new_token_head_bias[1] = 1e4
+        model.media_tokens.head.bias[1] = 1e4
     batch = processor(prompts_with([1, 2]), padding_side="left")
     out = model.generate(**batch, max_new_tokens=5)
     assert out.tolist() == [[model.eoc_token_id], [model.eoc_token_id]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flamingo_kit import tiny
+from flamingo_kit import from_scratch
 from tests.conftest import build_model, randomize_all
 
 IMG = object()  # marks an <image> in a list of prompt segments
@@ -151,9 +151,9 @@ TEXT_PROMPTS = [
 def test_beam_search_equals_transformers(tokenizer, family, early_stopping, length_penalty):
     """Gates closed, text only: our beam search must give the bare LM's HF beam search output."""
     model = build_model(family, processor=tokenizer).eval()
-    reference = tiny.build_lm(family, seed=0, vocab_size=300).eval()  # same weights, untouched
+    reference = from_scratch.build_lm(family, seed=0, vocab_size=300).eval()  # same weights, untouched
     with torch.no_grad():  # <|endofchunk|> out of the vocabulary: the bare LM has no such token
-        model.new_token_head_bias[1] = -1e9
+        model.media_tokens.head.bias[1] = -1e9
     rows = [ids_of(tokenizer, model, [p], bos=True) for p in TEXT_PROMPTS]
     ids, mask = left_pad(rows, pad=3)
     # Frequent tokens of this random LM end hypotheses at different steps.
@@ -183,7 +183,7 @@ def batch_query(tokenizer, model, i: int) -> tuple[list[int], list[int]]:
 def test_beam_search_does_not_depend_on_batch_mates(tokenizer, early_stopping):
     model = randomize_all(build_model("llama", processor=tokenizer), 4).eval()
     with torch.no_grad():  # <|endofchunk|> likely enough that beams end at different steps
-        model.new_token_head_bias[1] = 1.5
+        model.media_tokens.head.bias[1] = 1.5
     queries = [batch_query(tokenizer, model, i) for i in range(8)]
     stop = {model.eoc_token_id, 2}
 

@@ -8,9 +8,16 @@ from safetensors.torch import load_file, save_file
 
 from flamingo_kit import FlamingoModel
 from flamingo_kit.cross_attention import MediaLayout, cross_attend
+from flamingo_kit.from_scratch import (
+    LM_FAMILIES,
+    TINY_FLAMINGO,
+    build_lm,
+    build_vision,
+    open_gates,
+)
 from flamingo_kit.lm_integration import find_decoder_layers
-from flamingo_kit.tiny import LM_FAMILIES, build_lm
-from tests.conftest import build_model, open_gates, randomize_all
+from flamingo_kit.media import media_state
+from tests.conftest import build_model, randomize_all
 
 IMG = 300  # <image> id of the test tokenizer / tiny models
 
@@ -42,6 +49,101 @@ def test_zero_gates_equal_the_frozen_lm(family):
     assert torch.equal(a, b)
 
 
+def test_no_module_carries_a_hook():
+    """Nothing runs behind the LM's back: no module of the model holds a forward hook, and
+    calling the LM on its own gives its own logits (the media tokens live in ``forward``)."""
+    model = build_model("gpt2", lora={"r": 4})
+    assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+    text = torch.randint(3, 290, (1, 8))
+    with torch.no_grad():
+        assert model.lm(input_ids=text).logits.shape[-1] == 300
+
+
+def _lm_of(family: str, seed: int = 0, **config):
+    """A tiny LM of a family ``from_scratch.lm_config`` does not cover (eager attention)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, intermediate_size=128)
+    lm_config = AutoConfig.for_model(family, **{**shape, **config})
+    lm_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(lm_config).eval()
+
+
+def test_soft_capped_lm_keeps_its_own_logits():
+    """Gemma 2 soft-caps its logits in its causal-LM class: ours are capped the same way."""
+    from flamingo_kit import FlamingoConfig
+
+    cap = 0.05  # far below the logits' scale, so a missing cap shows
+    model = FlamingoModel.from_parts(_lm_of("gemma2", final_logit_softcapping=cap),
+                                     build_vision(), FlamingoConfig(**TINY_FLAMINGO)).eval()
+    bare = _lm_of("gemma2", final_logit_softcapping=cap)
+    text = torch.randint(3, 290, (2, 12))
+    with torch.no_grad():
+        ours = model(input_ids=text).logits
+        ref = bare(input_ids=text).logits
+    assert (ours[..., :300] - ref).abs().max() <= 1e-6
+    assert ours[..., 300:].abs().max() <= cap  # the media tokens' logits are capped too
+
+
+# Causal-LM classes that rescale around their head, with a scale far from 1 so a missing or
+# misplaced rescale shows (MiniCPM3 divides the hidden states by hidden_size / dim_model_base).
+RESCALING_LMS = [
+    ("cohere", {"logit_scale": 0.25}),
+    ("cohere2", {"logit_scale": 0.25}),
+    ("granite", {"logits_scaling": 8.0}),
+    ("granitemoe", {"logits_scaling": 8.0}),
+    ("granitemoeshared", {"logits_scaling": 8.0}),
+    ("hyperclovax", {"logits_scaling": 0.25}),
+    ("minicpm3", {"dim_model_base": 8, "num_key_value_heads": 4}),
+    ("falcon_h1", {"lm_head_multiplier": 0.25}),
+]
+
+
+@pytest.mark.parametrize("family, scaling", RESCALING_LMS, ids=[f for f, _ in RESCALING_LMS])
+def test_lm_that_rescales_its_logits_keeps_its_own_logits(family, scaling):
+    """A fresh model whose LM's causal-LM class rescales around its head gives exactly that LM's
+    logits, and the media tokens' logits are rescaled alike: they equal those of the same LM
+    whose head holds the media tokens' (randomised) rows."""
+    from flamingo_kit import FlamingoConfig
+
+    model = FlamingoModel.from_parts(_lm_of(family, **scaling), build_vision(),
+                                     FlamingoConfig(**TINY_FLAMINGO)).eval()
+    rows = model.media_tokens.head
+    with torch.no_grad():
+        rows.weight.copy_(torch.randn_like(rows.weight))
+        rows.bias.copy_(torch.randn_like(rows.bias))
+    bare = _lm_of(family, **scaling)
+    text = torch.randint(3, 290, (2, 12))
+    with torch.no_grad():
+        ours = model(input_ids=text).logits
+        ref = bare(input_ids=text).logits
+        head = bare.get_output_embeddings()
+        extended = torch.nn.Linear(head.in_features, 302)
+        extended.weight.copy_(torch.cat([head.weight, rows.weight]))
+        extended.bias.copy_(torch.cat([torch.zeros(300), rows.bias]))
+        bare.set_output_embeddings(extended)
+        ref_media = bare(input_ids=text).logits[..., 300:]
+    unscaled = {k: v for k, v in scaling.items() if k == "num_key_value_heads"}
+    assert not torch.equal(ref, _lm_of(family, **unscaled)(input_ids=text).logits)  # it matters
+    assert torch.equal(ours[..., :300], ref)
+    assert (ours[..., 300:] - ref_media).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family, setting", [
+    ("recurrent_gemma", "logits_soft_cap"),  # its body returns no KV cache to decode with
+    ("falcon_h1", "embedding_multiplier"),  # applied only to token ids, not to embeddings
+])
+def test_lm_with_an_unverified_rescaling_is_refused(family, setting):
+    """A rescaling flamingo-kit does not reproduce (and test) is refused, naming the setting."""
+    from flamingo_kit import FlamingoConfig
+
+    lm = _lm_of(family, **{setting: 2.0})
+    with pytest.raises(ValueError, match=rf"{type(lm).__name__} .*\({setting}=2.0"):
+        FlamingoModel.from_parts(lm, build_vision(), FlamingoConfig())
+
+
 @pytest.mark.parametrize("policy", ["immediate", "all_previous"])
 def test_changing_an_image_only_affects_later_tokens(policy):
     model = build_model("llama", media_policy=policy)
@@ -64,7 +166,7 @@ def test_text_before_first_image_gets_exactly_zero():
     ids = ids_with_images([5])
     layer = next(layer for layer in find_decoder_layers(model.lm) if hasattr(layer, "xattn"))
     hidden = torch.randn(2, 16, 64)
-    media = model.media_state(ids, torch.randn(2, 1, 1, 3, 32, 32))
+    media = media_state(model, ids, torch.randn(2, 1, 1, 3, 32, 32))
     out = layer.xattn(hidden, media.media_kv(0, layer.xattn), media.layout)
     assert torch.equal(out[:, :5], hidden[:, :5])
     assert not torch.equal(out[:, 5:], hidden[:, 5:])
@@ -87,6 +189,40 @@ def test_attention_inputs_follow_the_media_policy(policy):
     after = torch.allclose(out[:, 7:], base[:, 7:], atol=1e-6)
     # immediate: tokens after image 1 see only image 1 (or 2); all_previous: image 0 too.
     assert after == (policy == "immediate")
+
+
+@pytest.mark.parametrize("policy", ["immediate", "all_previous"])
+def test_decoding_layout_attends_as_the_whole_input_does(policy):
+    """A new token after a prompt attends, through ``for_decoding`` and the K/V it keeps, exactly
+    as it would at the end of the whole input (rows with none, one and several images)."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 290, (3, 12), generator=gen)
+    prompt[1, [2, 7]] = IMG
+    prompt[2, 0] = IMG
+    whole = torch.cat([prompt, torch.full((3, 1), 5)], dim=1)
+    q = torch.randn(3, 13, 2, 8, generator=gen)
+    k, v = torch.randn(3, 2, 2, 4, 8, generator=gen), torch.randn(3, 2, 2, 4, 8, generator=gen)
+    expected = cross_attend(q, k, v, MediaLayout.build(whole, IMG, 2, policy))[:, -1:]
+
+    layout, kept = MediaLayout.build(prompt, IMG, 2, policy).for_decoding()
+    if kept is not None:  # immediate: each row keeps its latest image's keys/values only
+        rows = torch.arange(3)
+        k, v = k[rows, kept].unsqueeze(1), v[rows, kept].unsqueeze(1)
+    got = cross_attend(q[:, -1:], k, v, layout)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert got[0].abs().max() == 0 and got[1:].abs().min() > 0
+
+
+@pytest.mark.parametrize("policy", ["immediate", "all_previous"])
+def test_repeated_layout_is_the_layout_of_repeated_rows(policy):
+    """Beams: ``repeated(k)`` equals the layout built from each row repeated k times."""
+    ids = ids_with_images([2, 9], length=12, batch=2)
+    ids[1, 9] = 7  # the second row holds one image
+    got = MediaLayout.build(ids, IMG, 2, policy).repeated(3)
+    expected = MediaLayout.build(ids.repeat_interleave(3, 0), IMG, 2, policy)
+    assert torch.equal(got.media_index, expected.media_index)
+    q, k, v = torch.randn(6, 12, 2, 8), torch.randn(6, 2, 2, 4, 8), torch.randn(6, 2, 2, 4, 8)
+    assert torch.equal(cross_attend(q, k, v, got), cross_attend(q, k, v, expected))
 
 
 @pytest.mark.parametrize("layout_kind", ["uneven", "balanced"])
@@ -199,11 +335,8 @@ def test_patch_mlp_feeds_the_resampler_and_round_trips(tmp_path):
 def test_save_load_with_lora_and_local_parts(tmp_path):
     lm = build_lm("qwen2", vocab_size=300)
     lm.save_pretrained(tmp_path / "lm_src")
-    from flamingo_kit.tiny import build_vision
-
     build_vision("siglip").save_pretrained(tmp_path / "vision_src")
     from flamingo_kit import FlamingoConfig
-    from tests.conftest import TINY_FLAMINGO
 
     config = FlamingoConfig(**TINY_FLAMINGO, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
     model = FlamingoModel.from_parts(tmp_path / "lm_src", tmp_path / "vision_src", config)
@@ -278,8 +411,6 @@ def test_bad_inputs_fail_clearly():
 @pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])
 def test_cross_attention_interval(every_n, wrapped):
     from flamingo_kit import FlamingoConfig, FlamingoModel
-    from flamingo_kit.tiny import build_vision
-    from tests.conftest import TINY_FLAMINGO
 
     lm = build_lm("llama", vocab_size=300, num_layers=4)
     config = FlamingoConfig(**{**TINY_FLAMINGO, "cross_attn_every_n_layers": every_n})
@@ -318,7 +449,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_vision_tower_from_a_full_two_tower_checkpoint(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
-    from flamingo_kit.parts import load_vision
+    from flamingo_kit.backbones import load_vision
 
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     config = CLIPConfig(text_config={**small, "vocab_size": 100},
@@ -342,3 +473,43 @@ def test_resampler_latents_start_distinct():
         out = resampler(torch.randn(8, 1, 17, 64) * 3, torch.zeros(8, dtype=torch.long))
     spread = (out - out.mean(1, keepdim=True)).norm(dim=-1).mean() / out.norm(dim=-1).mean()
     assert spread > 0.8
+
+
+def test_feed_forward_on_every_token_option():
+    """xattn_ff_all_tokens: the gated feed-forward also changes text-only prompts and tokens
+    before the first image (OpenFlamingo); by default those tokens get exactly nothing."""
+    text = torch.randint(3, 290, (2, 12))
+    ids = ids_with_images([5, 9])
+    images = torch.randn(2, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        outs = {}
+        for every in (False, True):
+            model = randomize_all(build_model("llama", xattn_ff_all_tokens=every)).eval()
+            outs[every] = (model(input_ids=text).logits,
+                           model(input_ids=ids, pixel_values=images).logits)
+        bare = randomize_all(build_model("llama")).eval()
+        bare_lm = bare.lm(input_ids=text).logits  # same LM weights: randomize_all is seeded
+    assert (outs[False][0][..., :300] - bare_lm).abs().max() <= 1e-5
+    assert (outs[True][0][..., :300] - bare_lm).abs().max() > 1e-2
+    before_image = slice(0, 5)
+    assert (outs[True][1][:, before_image] - outs[False][1][:, before_image]).abs().max() > 1e-2
+
+
+def test_openflamingo_vision_options():
+    """Patch tokens without the class token and/or after CLIP's post_layernorm; towers without
+    a class token or whose output is already normalised are refused."""
+    from flamingo_kit.backbones import VisionEncoder
+    from flamingo_kit.from_scratch import build_vision
+
+    clip = build_vision("clip")
+    images = torch.randn(2, 1, 3, 32, 32)
+    with torch.no_grad():
+        full = VisionEncoder(clip)(images)
+        cut = VisionEncoder(clip, "post_layernorm", drop_cls=True)(images)
+    assert cut.shape[2] == full.shape[2] - 1
+    assert torch.allclose(cut, clip.post_layernorm(full)[:, :, 1:])
+    siglip = build_vision("siglip")
+    with pytest.raises(ValueError, match="needs a CLIP tower"):
+        VisionEncoder(siglip, "post_layernorm")
+    with pytest.raises(ValueError, match="has no class token"):
+        VisionEncoder(siglip, drop_cls=True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoPipeline, FlamingoProcessor
-from flamingo_kit.tiny import build_lm, build_vision
-from tests.conftest import TINY_FLAMINGO, build_model, open_gates, random_image
+from flamingo_kit.from_scratch import TINY_FLAMINGO, build_lm, build_vision, open_gates
+from tests.conftest import build_model, random_image
 
 
 @pytest.fixture
@@ -73,3 +73,28 @@ def test_prompt_longer_than_the_context_drops_demonstrations_not_the_query(proce
         pipe(shots(0, query="Output: " + "a red circle " * 30))
     with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room"):
         pipe(shots(0), max_new_tokens=64)
+
+
+def test_generation_options_pass_through(saved_dir):
+    from transformers import GenerationConfig
+
+    pipe = FlamingoPipeline.from_pretrained(saved_dir)
+    prompt = [random_image(1), "An image of two cats.<|endofchunk|>", random_image(2), "An image of"]
+    batch = pipe.processor([prompt], padding_side="left")
+    options = dict(max_new_tokens=8, repetition_penalty=1.5, no_repeat_ngram_size=2,
+                   suppress_tokens=[0, *range(3, 259)])  # no byte tokens: readable text
+    expected = pipe.processor.batch_decode(pipe.model.generate(**batch, **options),
+                                           skip_special_tokens=True)[0]
+    assert pipe(prompt, **options) == expected
+    assert pipe(prompt, generation_config=GenerationConfig(**options)) == expected
+    # stop_strings get the processor's tokenizer without being asked.
+    stop = expected.strip()[:2]
+    assert len(expected.strip()) > 4, expected
+    assert pipe(prompt, stop_strings=[stop], **options).endswith(stop)
+    samples = pipe([prompt, prompt], do_sample=True, num_return_sequences=3, seed=0,
+                   max_new_tokens=4)
+    assert [len(s) for s in samples] == [3, 3] and all(isinstance(t, str) for t in samples[0])
+    with pytest.raises(ValueError, match="call model.generate for return_dict_in_generate"):
+        pipe(prompt, return_dict_in_generate=True, output_scores=True)
+    with pytest.raises(ValueError, match="max_new_tokens=4096 leaves no room"):
+        pipe(prompt, generation_config=GenerationConfig(max_new_tokens=4096))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
+from flamingo_kit.from_scratch import TINY_FLAMINGO, build_lm, build_vision, open_gates
 from flamingo_kit.part_records import PartMismatchError
-from flamingo_kit.tiny import build_lm, build_vision
-from tests.conftest import TINY_FLAMINGO, open_gates, random_image, randomize_all
+from tests.conftest import random_image, randomize_all
 
 
 def save_parts(root, lm_seed: int = 0, family: str = "llama"):
@@ -208,6 +208,28 @@ def test_format_version_1_loads_with_a_warning(tmp_path, processor):
     data["format_version"] = 99
     write_config(tmp_path / "model", data)
     with pytest.raises(ValueError, match="format_version 99 is newer"):
+        FlamingoModel.from_pretrained(tmp_path / "model")
+
+
+def test_format_version_2_names_of_the_media_token_rows_load(tmp_path, processor):
+    """Directories saved before format_version 3 name the media-token rows ``new_token_*``."""
+    from safetensors.torch import load_file, save_file
+
+    lm_dir, vision_dir = save_parts(tmp_path)
+    model = randomize_all(model_from(lm_dir, vision_dir, processor), 2).eval()
+    model.save_pretrained(tmp_path / "model", self_contained=True)
+    weights = tmp_path / "model" / "model.safetensors"
+    old_names = {"media_tokens.embedding.weight": "new_token_embeddings",
+                 "media_tokens.head.weight": "new_token_head",
+                 "media_tokens.head.bias": "new_token_head_bias"}
+    save_file({old_names.get(k, k): v for k, v in load_file(weights).items()}, weights)
+    data = read_config(tmp_path / "model")
+    write_config(tmp_path / "model", {**data, "format_version": 2})
+    loaded = FlamingoModel.from_pretrained(tmp_path / "model")
+    assert torch.equal(logits(loaded, prompts(processor)), logits(model, prompts(processor)))
+
+    write_config(tmp_path / "model", data)  # the old names in a version 3 directory: refused
+    with pytest.raises(KeyError, match="unexpected keys.*new_token_embeddings"):
         FlamingoModel.from_pretrained(tmp_path / "model")
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.test_train_utils import REPO, run_cli
+from tests.train_world import REPO, run_cli
 from train.config import ConfigError, TrainConfig, load_config, save_config
 from train.engine import deepspeed_config, warmup_cosine
 
@@ -78,3 +78,14 @@ def test_warmup_then_cosine_to_min_ratio():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert lrs[20] == pytest.approx(0.1) and lrs[24] == pytest.approx(0.1)
+
+
+def test_init_from_refuses_architecture_keys():
+    """flamingo.init_from brings the saved architecture; model keys beside it would be ignored,
+    so they are an error naming them (before anything is loaded)."""
+    from train.stages.flamingo import build_model
+
+    cfg = load_config(None, ["stage=flamingo", "flamingo.init_from=/nonexistent",
+                             "flamingo.model={xattn_heads: 2}"])
+    with pytest.raises(ValueError, match=r"flamingo.model must be empty, got keys \['xattn_heads'\]"):
+        build_model(cfg.flamingo)

@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from data_pipelines.loading import SourceConfig
-from tests.conftest import build_model, open_gates
-from tests.test_train_utils import (  # noqa: F401
-    common_overrides,
-    single_process,
-    stage_overrides,
-    world,
-)
+from flamingo_kit.from_scratch import open_gates
+from tests.conftest import build_model
+from tests.train_world import common_overrides, stage_overrides
 from train import diagnose as diagnose_cli
 from train import diagnostics
 from train.config import ConfigError, load_config
@@ -52,7 +48,7 @@ def test_spread_is_zero_for_identical_items_and_about_one_for_independent_ones()
 
 
 @pytest.fixture(scope="module")
-def heldout(world, tokenizer, image_processor):  # noqa: F811
+def heldout(world, tokenizer, image_processor):
     """Held-out batches of the trainer tests' world, tokenised for the conftest model."""
     sources = [SourceConfig("pairs", "pairs", world["heldout_pairs"]),
                SourceConfig("docs", "interleaved", world["heldout_docs"])]
@@ -97,7 +93,7 @@ class FakeWriter:
 
 
 def test_trainer_logs_diagnostics_to_jsonl_and_tensorboard_and_cli_agrees(
-        world, single_process, tmp_path, monkeypatch, capsys):  # noqa: F811
+        world, single_process, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
                         types.SimpleNamespace(SummaryWriter=FakeWriter))
     run_dir = str(tmp_path / "run")
@@ -126,7 +122,7 @@ def test_trainer_logs_diagnostics_to_jsonl_and_tensorboard_and_cli_agrees(
     assert "image_reliance_pairs" in capsys.readouterr().out
 
 
-def test_a_run_that_ignores_its_images_is_warned_once(world, single_process, tmp_path):  # noqa: F811
+def test_a_run_that_ignores_its_images_is_warned_once(world, single_process, tmp_path):
     run_dir = str(tmp_path / "run")
     overrides = common_overrides(run_dir, 4) + stage_overrides(world, "flamingo") + [
         "logging.image_reliance_every=1", "logging.image_reliance_warn_after=2",
@@ -137,7 +133,7 @@ def test_a_run_that_ignores_its_images_is_warned_once(world, single_process, tmp
     assert "barely depend on its images" in warnings[0]["message"]
 
 
-def test_heldout_shards_must_not_be_training_shards(world, single_process, tmp_path):  # noqa: F811
+def test_heldout_shards_must_not_be_training_shards(world, single_process, tmp_path):
     overrides = common_overrides(str(tmp_path / "run"), 1) + stage_overrides(world, "flamingo")
     overrides.append(f"flamingo.heldout_sources=[{{name: p, kind: pairs, shards: "
                      f"{world['pairs']}}}]")

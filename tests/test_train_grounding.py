@@ -9,18 +9,11 @@ see reaches with the same training (cross-attention replaced by the identity).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from flamingo_kit.cross_attention import GatedCrossAttentionBlock
-from tests.test_train_utils import (  # noqa: F401
-    common_overrides,
-    single_process,
-    stage_overrides,
-    world,
-)
+from tests.train_world import common_overrides, stage_overrides
 from train.config import load_config
 from train.metrics import read_metrics
 from train.recipe import run
@@ -32,27 +25,21 @@ MIN_RELIANCE = 0.1
 
 
 @pytest.fixture(scope="module")
-def text_lm(world, tmp_path_factory):  # noqa: F811
+def text_lm(world, tmp_path_factory):
     """The stage-1 LM of the tiny world: it knows the caption language, not the images."""
     from train.distributed import free_port
 
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # module scope: no monkeypatch fixture
+        for key, value in env.items():
+            patch.setenv(key, value)
         run_dir = str(tmp_path_factory.mktemp("lm") / "run")
         return run(load_config(None, common_overrides(run_dir, 40) + stage_overrides(world, "lm")
                                + ["optim.lr=1e-2"]))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
-def train_on_pairs(world, text_lm, run_dir: str) -> list[dict]:  # noqa: F811
+def train_on_pairs(world, text_lm, run_dir: str) -> list[dict]:
     """The Flamingo stage on the caption pairs alone; returns its diagnostics records."""
     overrides = common_overrides(run_dir, FLAMINGO_STEPS) + stage_overrides(world, "flamingo") + [
         f"flamingo.lm={text_lm}", "optim.lr=1e-2",
@@ -62,7 +49,7 @@ def train_on_pairs(world, text_lm, run_dir: str) -> list[dict]:  # noqa: F811
     return [r for r in read_metrics(run_dir) if "image_reliance" in r]
 
 
-def test_flamingo_stage_learns_to_use_its_images(world, text_lm, single_process, tmp_path):  # noqa: F811
+def test_flamingo_stage_learns_to_use_its_images(world, text_lm, single_process, tmp_path):
     first, last = train_on_pairs(world, text_lm, str(tmp_path / "run"))
     assert first["step"] == 1 and last["step"] == FLAMINGO_STEPS
     assert abs(first["image_reliance"]) < 0.01  # closed gates: the images cannot matter yet
@@ -70,8 +57,8 @@ def test_flamingo_stage_learns_to_use_its_images(world, text_lm, single_process,
     assert last["image_reliance_pairs"] > MIN_RELIANCE and last["image_reliance_docs"] > 0
 
 
-def test_a_model_that_cannot_see_stays_below_the_threshold(  # noqa: F811
-        world, text_lm, single_process, tmp_path, monkeypatch):  # noqa: F811
+def test_a_model_that_cannot_see_stays_below_the_threshold(
+        world, text_lm, single_process, tmp_path, monkeypatch):
     """The threshold is not reachable without cross-attention (it is not met by chance)."""
     def identity(self, hidden, media_kv, layout):
         return hidden + 0 * (self.attn_gate + self.ff_gate).to(hidden.dtype)

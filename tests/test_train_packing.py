@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flamingo_kit.tiny import lm_config
+from flamingo_kit.from_scratch import lm_config
 from train.packing import CopyWarmupLoader, PackedBlockLoader, pack_documents
 
 TOKENS = list(range(5, 69))  # ids a copy row may use (0-4 stand for special tokens)

@@ -110,7 +110,7 @@ class LoggingSettings:
 
 @dataclass
 class LMShape:
-    """Knobs of ``flamingo_kit.tiny.lm_config`` (any family it knows)."""
+    """Knobs of ``flamingo_kit.from_scratch.lm_config`` (any family it knows)."""
 
     family: str = "llama"
     hidden_size: int = 64
@@ -136,7 +136,7 @@ class LMStage:
 
 @dataclass
 class VisionShape:
-    """Knobs of ``flamingo_kit.tiny.vision_config`` (``kind`` is clip or siglip)."""
+    """Knobs of ``flamingo_kit.from_scratch.vision_config`` (``kind`` is clip or siglip)."""
 
     kind: str = "clip"
     image_size: int = 32
@@ -212,6 +212,9 @@ class FlamingoStage:
     data_root: str = ""
     # Keyword arguments of ``flamingo_kit.FlamingoConfig``; checked against it at setup.
     model: dict[str, Any] = field(default_factory=dict)
+    # A saved flamingo-kit model directory (save_pretrained, flamingo-convert) to continue
+    # training from: it replaces lm, vision and model (which must then be empty).
+    init_from: str | None = None
     max_length: int = 128
     max_images: int = 4
     num_workers: int = 0

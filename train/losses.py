@@ -10,7 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from flamingo_kit.batching import IGNORE_INDEX
+
 CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)
 CLIP_MAX_LOG_SCALE = math.log(100.0)
 SIGLIP_INIT_LOG_SCALE = math.log(10.0)

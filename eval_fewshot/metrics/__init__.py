@@ -5,10 +5,11 @@ from eval_fewshot.metrics.accuracy import exact_match, normalize_word, top1_accu
 from eval_fewshot.metrics.bleu import corpus_bleu
 from eval_fewshot.metrics.cider import cider_d
 from eval_fewshot.metrics.hallucination import chair, find_mentions
-from eval_fewshot.metrics.text import tokenize_caption
+from eval_fewshot.metrics.text import tokenize_caption, tokenize_captions
 from eval_fewshot.metrics.vqa import mean_vqa_accuracy, normalize_answer, vqa_accuracy
 
 __all__ = [
     "chair", "cider_d", "corpus_bleu", "exact_match", "find_mentions", "mean_vqa_accuracy",
-    "normalize_answer", "normalize_word", "tokenize_caption", "top1_accuracy", "vqa_accuracy",
+    "normalize_answer", "normalize_word", "tokenize_caption", "tokenize_captions",
+    "top1_accuracy", "vqa_accuracy",
 ]

@@ -1,14 +1,19 @@
-"""VQA accuracy with the official VQAv2 answer normalisation.
+"""VQA accuracy as computed by the official VQA evaluation script.
 
 An answer scores ``min(#humans who gave it / 3, 1)``, averaged over the ten leave-one-out subsets
-of nine annotators, exactly as the official ``vqaEval.py`` does. Before matching, answers are
-normalised by the official rules: punctuation removed or replaced by a space (commas between
-digits and periods outside decimals removed), lower-casing, number words mapped to digits,
-articles dropped and apostrophe-less contractions restored (``dont`` -> ``don't``).
+of nine annotators, exactly as the official ``vqaEval.py`` (GT-Vision-Lab/VQA) does. Answers are
+compared after the official processing: punctuation removed or replaced by a space (commas
+between digits and periods outside decimals removed), lower-casing, number words mapped to
+digits, articles dropped and apostrophe-less contractions restored (``dont`` -> ``don't``).
 
-The official GitHub script skips the normalisation when all ten human answers are identical, so
-``"Yes"`` scores 0 against ten ``"yes"``. The rules published for the challenge normalise every
-answer, and so do we by default; ``official_script=True`` reproduces the script bit for bit.
+Two modes (:data:`VQA_MODES`):
+
+- ``"official"`` (default): like the script, which processes the prediction and the human
+  answers *only when the ten human answers are not all identical*; so ``"Yes."``, ``"2."`` and
+  ``"the dog"`` score 0 against ten identical ``"yes"``/``"2"``/``"dog"``. Published VQAv2,
+  OK-VQA, VizWiz and TextVQA numbers computed with the official tools include this.
+- ``"normalize_all"``: process every answer. This is what the challenge's published rules
+  describe and what OpenFlamingo's ``vqa_metric.py`` does; it is never lower than ``official``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ CONTRACTIONS = {
     "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
     "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
     "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow'sat", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
     "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
     "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
     "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
@@ -66,6 +71,12 @@ _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # The official call passes re.UNICODE (== 32) as the `count` argument of sub(); same here.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 N_HUMANS_FOR_FULL_CREDIT = 3
+VQA_MODES = ("official", "normalize_all")
+VQA_MODE_NOTES = {
+    "official": "answers processed only when the ten humans disagree, as the official "
+                "vqaEval.py does",
+    "normalize_all": "every answer processed (published rules, OpenFlamingo's metric)",
+}
 
 
 def _strip_whitespace(text: str) -> str:
@@ -96,17 +107,26 @@ def normalize_answer(text: str) -> str:
     return process_digits_articles(process_punctuation(_strip_whitespace(text)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], official_script: bool = False) -> float:
+def check_vqa_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`VQA_MODES`, else a ``ValueError`` naming the choices."""
+    if mode not in VQA_MODES:
+        raise ValueError(f"unknown VQA accuracy mode {mode!r}; use one of {', '.join(VQA_MODES)}")
+    return mode
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], mode: str = "official") -> float:
     """Accuracy of one predicted answer against the human ``answers`` (normally ten).
 
     Each annotator is left out in turn; the prediction scores ``min(matches among the others / 3,
-    1)`` and the mean over the left-out annotators is returned (a value in [0, 1]).
+    1)`` and the mean over the left-out annotators is returned (a value in [0, 1]). ``mode``
+    says when answers are processed (see the module docstring).
     """
+    check_vqa_mode(mode)
     if not answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
     refs = [_strip_whitespace(a) for a in answers]
     pred = _strip_whitespace(prediction)
-    if not official_script or len(set(refs)) > 1:
+    if mode == "normalize_all" or len(set(refs)) > 1:
         refs = [process_digits_articles(process_punctuation(a)) for a in refs]
         pred = process_digits_articles(process_punctuation(pred))
     matches = sum(ref == pred for ref in refs)
@@ -117,12 +137,12 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], official_script: bool 
 
 
 def mean_vqa_accuracy(
-    predictions: Sequence[str], answers: Sequence[Sequence[str]], official_script: bool = False
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], mode: str = "official"
 ) -> float:
     """Mean :func:`vqa_accuracy` over questions (in [0, 1])."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
     if not predictions:
         raise ValueError("no predictions to score")
-    scores = [vqa_accuracy(p, a, official_script) for p, a in zip(predictions, answers)]
+    scores = [vqa_accuracy(p, a, mode) for p, a in zip(predictions, answers)]
     return sum(scores) / len(scores)

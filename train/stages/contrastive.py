@@ -12,10 +12,10 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPVisionModel, SiglipVisionModel
 
 from data_pipelines.loading import SourceConfig, build_loader
-from flamingo_kit.parts import require_local_dir
+from flamingo_kit.backbones import require_local_dir
+from flamingo_kit.from_scratch import image_processor as make_image_processor
+from flamingo_kit.from_scratch import vision_config
 from flamingo_kit.processing import add_flamingo_tokens
-from flamingo_kit.tiny import image_processor as make_image_processor
-from flamingo_kit.tiny import vision_config
 from train.config import ContrastiveStage, TrainConfig
 from train.distributed import DistInfo
 from train.losses import (

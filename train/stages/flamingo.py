@@ -2,7 +2,8 @@
 
 Trains the Perceiver Resampler, the gated cross-attention, the media-token rows (and LoRA when
 ``flamingo.model.lora`` is set) on a weighted mix of interleaved and pair sources, each with its
-own loss weight and optional weight schedule. With ``logging.image_reliance_every`` it also
+own loss weight and optional weight schedule. ``flamingo.init_from`` continues from a saved model
+instead (e.g. a converted OpenFlamingo checkpoint). With ``logging.image_reliance_every`` it also
 measures how much the model uses its images on ``flamingo.heldout_sources``
 (``train.diagnostics``). ``RUN/final`` loads with ``FlamingoModel.from_pretrained`` and
 ``FlamingoProcessor.from_pretrained``.
@@ -18,9 +19,9 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from data_pipelines.loading import SourceConfig, build_loader
 from data_pipelines.shard_access import shard_kind
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
-from flamingo_kit.parts import require_local_dir
+from flamingo_kit.backbones import require_local_dir
 from train import diagnostics
-from train.config import SourceSettings, TrainConfig
+from train.config import FlamingoStage, SourceSettings, TrainConfig
 from train.distributed import DistInfo
 from train.losses import weighted_lm_loss
 from train.stages import Batch, StageParts, count_attended_tokens, float_dtype, to_device
@@ -95,12 +96,18 @@ def make_diagnose(cfg: TrainConfig, sources: list[SourceConfig], processor, imag
     return diagnose
 
 
-def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
-    """Processor from the LM/vision dirs, FlamingoModel.from_parts, mixture loader."""
-    stage = cfg.flamingo
-    if not stage.sources:
-        raise ValueError("flamingo.sources is empty; give at least one source "
-                         "(name, kind: interleaved|pairs, shards, weight, loss_weight)")
+def build_model(stage: FlamingoStage) -> tuple[FlamingoModel, FlamingoProcessor]:
+    """A new model from the LM/vision dirs, or the saved model ``stage.init_from``."""
+    if stage.init_from:
+        if stage.model:
+            raise ValueError(
+                f"flamingo.init_from={stage.init_from} brings its own architecture "
+                f"(its config.json); flamingo.model must be empty, got keys "
+                f"{sorted(stage.model)} (override it with 'flamingo.model={{}}')")
+        init_dir = require_local_dir(stage.init_from, "flamingo.init_from", "config.json")
+        processor = FlamingoProcessor.from_pretrained(
+            init_dir, max_images=stage.max_images, max_length=stage.max_length)
+        return FlamingoModel.from_pretrained(init_dir), processor
     # Local directories only, checked before any loader sees the name: a bare name such as
     # `gpt2` would otherwise be looked up on a model hub.
     lm_dir = require_local_dir(stage.lm, "flamingo.lm", "config.json")
@@ -116,6 +123,18 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
         raise ValueError(f"flamingo.model: {error}") from None
     model = FlamingoModel.from_parts(lm=lm_dir, vision=vision_dir, config=model_config,
                                      processor=processor)
+    return model, processor
+
+
+def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
+    """Model and processor (new, or ``flamingo.init_from``), mixture loader, loss, export and
+    image-reliance diagnostics."""
+    stage = cfg.flamingo
+    if not stage.sources:
+        raise ValueError("flamingo.sources is empty; give at least one source "
+                         "(name, kind: interleaved|pairs, shards, weight, loss_weight)")
+    model, processor = build_model(stage)
+    image_processor = processor.image_processor
     sources = source_configs(stage.sources, stage.data_root, cfg.deepspeed.grad_accum)
     loader = build_loader(
         sources, processor.tokenizer, image_processor, batch_size=cfg.deepspeed.micro_batch_size,

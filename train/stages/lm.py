@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_pipelines.tokenizer import train_tokenizer
-from flamingo_kit.tiny import lm_config
+from flamingo_kit.from_scratch import lm_config
 from train.atomic import atomic_directory
 from train.config import TrainConfig
 from train.distributed import DistInfo, barrier

@@ -1,10 +1,13 @@
-"""Load the frozen parts (LM and vision tower) from modules or local directories, safely.
+"""The frozen backbones, LM and vision tower: load them from modules or local directories, safely.
 
 In memory a part's source is ``{"path": dir}`` (loaded from a local directory) or
 ``{"config": {...}}`` (a module built from a config). Loading never executes code: no remote
 code, no hub look-ups, ``weights_only`` for ``.bin`` files, and safetensors only where asked
 (parts written inside a saved directory). What ``save_pretrained`` records about a part, and how
 ``from_pretrained`` finds and verifies it, is in :mod:`flamingo_kit.part_records`.
+
+Reading order: ``load_lm``, ``load_vision``, ``VisionEncoder`` (the tower inside the model:
+images -> patch tokens).
 """
 
 from __future__ import annotations
@@ -165,13 +168,31 @@ def lm_context_length(config: PretrainedConfig) -> int | None:
 
 
 class VisionEncoder(nn.Module):
-    """Frozen-by-default vision tower: ``[M, F, C, H, W]`` images -> ``[M, F, P, D]`` patches."""
+    """Frozen-by-default vision tower: ``[M, F, C, H, W]`` images -> ``[M, F, P, D]`` patches.
 
-    def __init__(self, tower: PreTrainedModel):
+    ``features="last_hidden_state"`` takes the tower's output as is (for CLIP: before its final
+    LayerNorm, for SigLIP: after it); ``"post_layernorm"`` passes a CLIP tower's output through
+    its ``post_layernorm`` (what open_clip >= 2.23 returns as tokens). ``drop_cls`` removes the
+    class token (OpenFlamingo resamples patch tokens only).
+    """
+
+    def __init__(self, tower: PreTrainedModel, features: str = "last_hidden_state",
+                 drop_cls: bool = False):
         super().__init__()
         self.tower = tower
         config = getattr(tower.config, "vision_config", None) or tower.config
         self.hidden_size = config.hidden_size
+        self.features, self.drop_cls = features, drop_cls
+        body = getattr(tower, "vision_model", tower)
+        if features == "post_layernorm" and not (
+            config.model_type.startswith("clip") and hasattr(body, "post_layernorm")
+        ):
+            raise ValueError(
+                f"vision_features='post_layernorm' needs a CLIP tower (its last_hidden_state is "
+                f"taken before post_layernorm); got {type(tower).__name__}"
+            )
+        if drop_cls and not hasattr(getattr(body, "embeddings", None), "class_embedding"):
+            raise ValueError(f"vision_drop_cls=True but {type(tower).__name__} has no class token")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens of every frame (no gradient when the tower is frozen)."""
@@ -180,4 +201,8 @@ class VisionEncoder(nn.Module):
         dtype = next(self.tower.parameters()).dtype
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             out = self.tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
+            if self.features == "post_layernorm":
+                out = getattr(self.tower, "vision_model", self.tower).post_layernorm(out)
+        if self.drop_cls:
+            out = out[:, 1:]
         return out.unflatten(0, (m, f))

@@ -1,6 +1,8 @@
 """A tiny synthetic world for the trainer tests: corpus, tokenizer, towers, pair and doc shards.
 
-Everything is a few kilobytes and built in seconds so each stage can run for real on CPU.
+Everything is a few kilobytes and built in seconds so each stage can run for real on CPU; the
+``world`` fixture (``tests/conftest.py``) builds it once per session. Also the settings that point
+each stage at it, and a runner of ``python -m train`` in a fresh process.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ import random
 import subprocess
 import sys
 
-import pytest
 from PIL import Image, ImageDraw
 
 from data_pipelines.shards import interleaved_sample, png_bytes, write_shards
 from data_pipelines.tokenizer import train_tokenizer
-from flamingo_kit import tiny
+from flamingo_kit import from_scratch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),
@@ -85,13 +86,13 @@ def build_world(root: str) -> dict[str, str]:
     tokenizer_dir = os.path.join(root, "tokenizer")
     tokenizer.save_pretrained(tokenizer_dir)
     lm_dir = os.path.join(root, "lm")
-    tiny.build_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=2,
+    from_scratch.build_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=2,
                   num_heads=2).save_pretrained(lm_dir)
     tokenizer.save_pretrained(lm_dir)
     vision_dir = os.path.join(root, "vision")
-    tiny.build_vision("clip", image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_layers=1,
+    from_scratch.build_vision("clip", image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_layers=1,
                       num_heads=2).save_pretrained(vision_dir)
-    tiny.image_processor(IMAGE_SIZE).save_pretrained(vision_dir)
+    from_scratch.image_processor(IMAGE_SIZE).save_pretrained(vision_dir)
     return {"root": root, "corpus": corpus, "tokenizer": tokenizer_dir, "lm": lm_dir,
             "vision": vision_dir, "pairs": write_pairs(os.path.join(root, "pairs")),
             "docs": write_docs(os.path.join(root, "docs")),
@@ -145,23 +146,3 @@ def run_cli(args: list[str], timeout: float = 300, launcher: list[str] | None = 
     command = (launcher or [sys.executable, "-m", "train"]) + list(args)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> dict[str, str]:
-    """The tiny world, built once per test session."""
-    return build_world(str(tmp_path_factory.mktemp("world")))
-
-
-@pytest.fixture
-def single_process(monkeypatch):
-    """Rendezvous variables of a one-process job on a fresh port, restored afterwards."""
-    from train.distributed import free_port
-
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    yield
