@@ -2,9 +2,10 @@
 
 ``MediaLayout`` is computed once per forward call from the token ids and shared by every
 cross-attention layer. Its constructors are the only places that decide which token sees which
-image: a whole input (``build``, also after a cached prefix), one new token per row after a
-prompt (``for_decoding``), rows repeated for beams (``repeated``). Under ``immediate`` each
-token attends only to the latents of the most recent ``<image>`` at or before it. Tokens are
+image: a whole input (``build``, also after a cached prefix or with several documents packed in
+a row), one new token per row after a prompt (``for_decoding``), rows repeated for beams
+(``repeated``). Under ``immediate`` each token attends only to the latents of the most recent
+``<image>`` at or before it in its document. Tokens are
 grouped by the image they see and cut into fixed-size chunks, so attention runs as one fused
 ``scaled_dot_product_attention`` over ``[chunks, heads, chunk, latents]``: the work per token is
 one image's latents whatever the number of images in the sequence, and no dense
@@ -40,7 +41,8 @@ class ChunkPlan:
 
     @classmethod
     def build(cls, media_index: torch.Tensor, num_media: int) -> ChunkPlan:
-        """Group tokens by (row, image); ``media_index`` is non-decreasing along each row."""
+        """Group tokens by (row, image); ``media_index`` is non-decreasing along each row
+        where it is >= 0 (a packed row's documents take it back to -1 before their first image)."""
         b, t = media_index.shape
         flat = media_index.reshape(-1)
         tokens = torch.nonzero(flat >= 0).squeeze(1)
@@ -73,7 +75,9 @@ class MediaLayout:
     """Which images each text token may attend to, for one forward call.
 
     ``media_index[b, t]`` is the index of the latest image at or before token t of row b
-    (counting images already in a KV cache), ``-1`` before the first image.
+    (counting images already in a KV cache), ``-1`` before the first image. In a packed row
+    (several documents) images are those of the token's own document: ``first_media[b, t]`` is
+    the row index of its document's first image, and ``media_index`` is ``-1`` until then.
     """
 
     media_index: torch.Tensor  # [B, T] long
@@ -81,6 +85,7 @@ class MediaLayout:
     policy: str
     plan: ChunkPlan | None = None  # immediate
     visible: torch.Tensor | None = None  # all_previous: [B, T, N] bool
+    first_media: torch.Tensor | None = None  # [B, T] long; None: 0 (one document per row)
 
     @property
     def has_media(self) -> torch.Tensor:
@@ -95,20 +100,47 @@ class MediaLayout:
         num_media: int,
         policy: str,
         images_before: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> MediaLayout:
         """Layout for ``input_ids``, which continue a cached prefix holding ``images_before``
         images in every row (0: no prefix); the input's images are the sequence's images
-        ``images_before``, ``images_before + 1``, ... as in the whole prompt."""
-        seen = torch.cumsum((input_ids == image_token_id).long(), dim=1) + images_before
-        return cls.from_media_index(seen - 1, num_media, policy)
+        ``images_before``, ``images_before + 1``, ... as in the whole prompt.
+
+        ``document_ids`` ``[B, T]`` (non-decreasing along a row) packs several documents in a
+        row: a token sees only images of its own document, as if the document were alone.
+        """
+        is_image = (input_ids == image_token_id).long()
+        seen = torch.cumsum(is_image, dim=1) + images_before
+        if document_ids is None:
+            return cls.from_media_index(seen - 1, num_media, policy)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        # Images of the row before each token's document (non-decreasing, so a running max
+        # carries each document's value forward).
+        before = torch.where(starts, seen - is_image, 0).cummax(dim=1).values
+        index = torch.where(seen > before, seen - 1, -1)
+        return cls.from_media_index(index, num_media, policy, first_media=before)
 
     @classmethod
-    def from_media_index(cls, media_index: torch.Tensor, num_media: int, policy: str) -> MediaLayout:
-        """Layout of tokens whose latest image is ``media_index`` (``-1``: none yet)."""
+    def from_media_index(cls, media_index: torch.Tensor, num_media: int, policy: str,
+                         first_media: torch.Tensor | None = None) -> MediaLayout:
+        """Layout of tokens whose latest image is ``media_index`` (``-1``: none yet) and whose
+        earliest visible image is ``first_media`` (``None``: image 0)."""
         if policy == "immediate":
-            return cls(media_index, num_media, policy, plan=ChunkPlan.build(media_index, num_media))
+            plan = ChunkPlan.build(media_index, num_media)
+            return cls(media_index, num_media, policy, plan=plan, first_media=first_media)
         media = torch.arange(num_media, device=media_index.device)
-        return cls(media_index, num_media, policy, visible=media <= media_index[..., None])
+        visible = media <= media_index[..., None]
+        if first_media is not None:
+            visible &= media >= first_media[..., None]
+        return cls(media_index, num_media, policy, visible=visible, first_media=first_media)
+
+    def image_positions(self, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+        """Media position of each ``<image>`` of ``input_ids`` in row-major order: its index
+        among its document's images (its sequence's, counting a cached prefix's images)."""
+        is_image = input_ids == image_token_id
+        first = 0 if self.first_media is None else self.first_media[is_image]
+        return self.media_index[is_image] - first
 
     def for_decoding(self) -> tuple[MediaLayout, torch.Tensor | None]:
         """The layout of one new token per row after these tokens, and the images it keeps.
@@ -128,7 +160,8 @@ class MediaLayout:
     def repeated(self, repeats: int) -> MediaLayout:
         """Each row ``repeats`` times in a row (beams of one prompt see the same images)."""
         index = self.media_index.repeat_interleave(repeats, 0)
-        return MediaLayout.from_media_index(index, self.num_media, self.policy)
+        first = None if self.first_media is None else self.first_media.repeat_interleave(repeats, 0)
+        return MediaLayout.from_media_index(index, self.num_media, self.policy, first)
 
 
 def cross_attend(

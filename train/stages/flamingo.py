@@ -17,7 +17,6 @@ from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
 from flamingo_kit.backbones import require_local_dir
 from train.config import FlamingoStage, TrainConfig
 from train.distributed import DistInfo
-from train.losses import weighted_lm_loss
 from train.stages import Batch, StageParts, count_attended_tokens
 
 
@@ -27,9 +26,9 @@ def make_loss(loss_weights: list[float]):
 
     def flamingo_loss(model, batch: Batch) -> torch.Tensor:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"])
-        row_weights = weights.to(out.logits.device)[batch["source_index"]]
-        return weighted_lm_loss(out.logits, batch["labels"], row_weights)
+                    pixel_values=batch["pixel_values"], labels=batch["labels"],
+                    loss_weights=weights.to(batch["input_ids"].device)[batch["source_index"]])
+        return out.loss
 
     return flamingo_loss
 
