@@ -104,3 +104,22 @@ def test_packing_problem_is_measured_per_family(family):
     problem = packing_problem(build_lm(family, vocab_size=300))
     assert (problem is None) == (family in PACKABLE), problem
 
+
+def test_stage_trains_unpacked_with_a_warning_when_the_lm_cannot_pack():
+    from train.config import FlamingoStage
+    from train.stages.flamingo import use_packing
+
+    with pytest.warns(UserWarning, match="OPTForCausalLM lets a token attend to the previous"):
+        pack, why = use_packing(FlamingoStage(), build_model("opt"))
+    assert not pack and why.startswith("off (OPTForCausalLM")
+    assert use_packing(FlamingoStage(), build_model("llama")) == (True, "on")
+    assert use_packing(FlamingoStage(packing=False), build_model("llama"))[0] is False
+
+
+def test_a_tokenizer_larger_than_the_lm_vocabulary_is_refused():
+    """Checked once at setup, so training steps need not check their ids (a host sync)."""
+    model = build_model("llama")  # LM vocabulary 300, media tokens 300 and 301
+    table = model.lm.get_input_embeddings()
+    model.media_tokens.embedding.check_vocabulary(302, table)
+    with pytest.raises(ValueError, match=r"the tokenizer has 303 ids .* ids \[302\] cannot be"):
+        model.media_tokens.embedding.check_vocabulary(303, table)
