@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -29,6 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from flamingo_kit import from_scratch  # noqa: E402 (after the offline settings)
+from flamingo_kit.from_scratch import seed_everything  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,11 +48,12 @@ class MatchedShape:
     vision_hidden_size: int = 256
     vision_layers: int = 2
     vision_heads: int = 4
-    num_latents: int = 64
+    # Named as in FlamingoConfig, which takes them as they are.
+    perceiver_num_latents: int = 64
     perceiver_depth: int = 2
     perceiver_heads: int = 4
     perceiver_dim_head: int = 64
-    cross_attn_every: int = 1
+    cross_attn_every_n_layers: int = 1
 
     @property
     def image_token_id(self) -> int:
@@ -70,15 +72,12 @@ class MatchedShape:
 SMOKE_SHAPE = MatchedShape(
     vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
     image_size=16, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
-    num_latents=4, perceiver_depth=1, perceiver_heads=2, perceiver_dim_head=16,
-    cross_attn_every=1,
+    perceiver_num_latents=4, perceiver_depth=1, perceiver_heads=2, perceiver_dim_head=16,
+    cross_attn_every_n_layers=1,
 )
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python and torch so two runs build identical weights and inputs."""
-    random.seed(seed)
-    torch.manual_seed(seed)
+# MatchedShape sizes that FlamingoConfig takes under the same names.
+FLAMINGO_SIZES = ("perceiver_num_latents", "perceiver_depth", "perceiver_heads",
+                  "perceiver_dim_head", "cross_attn_every_n_layers")
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -93,8 +92,6 @@ def build_ours(shape: MatchedShape, seed: int = 0):
     """FlamingoModel: a Llama LM and a CLIP vision tower of ``shape``, all new parts trainable."""
     from transformers import AutoModelForCausalLM
 
-    from flamingo_kit import FlamingoConfig, FlamingoModel, from_scratch
-
     lm_cfg = from_scratch.lm_config(
         "llama", vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
         num_layers=shape.num_layers, num_heads=shape.num_heads,
@@ -108,20 +105,14 @@ def build_ours(shape: MatchedShape, seed: int = 0):
         hidden_size=shape.vision_hidden_size, num_layers=shape.vision_layers,
         num_heads=shape.vision_heads,
     )
-    config = FlamingoConfig(
-        cross_attn_every_n_layers=shape.cross_attn_every,
-        perceiver_num_latents=shape.num_latents,
-        perceiver_depth=shape.perceiver_depth,
-        perceiver_heads=shape.perceiver_heads,
-        perceiver_dim_head=shape.perceiver_dim_head,
+    return from_scratch.build_flamingo(
+        lm, vision, seed, **{name: getattr(shape, name) for name in FLAMINGO_SIZES},
         xattn_heads=shape.num_heads,
         xattn_dim_head=shape.hidden_size // shape.num_heads,
         xattn_ff_mult=xattn_ff_mult(shape),
         image_token_id=shape.image_token_id,
         eoc_token_id=shape.eoc_token_id,
     )
-    seed_everything(seed)
-    return FlamingoModel.from_parts(lm, vision, config)
 
 
 def idefics_config(shape: MatchedShape):
@@ -135,7 +126,7 @@ def idefics_config(shape: MatchedShape):
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
-        cross_layer_interval=shape.cross_attn_every,
+        cross_layer_interval=shape.cross_attn_every_n_layers,
         max_position_embeddings=4096,
         pad_token_id=0,
         freeze_text_layers=True,
@@ -152,7 +143,7 @@ def idefics_config(shape: MatchedShape):
         ),
         perceiver_config=dict(
             use_resampler=True,
-            resampler_n_latents=shape.num_latents,
+            resampler_n_latents=shape.perceiver_num_latents,
             resampler_depth=shape.perceiver_depth,
             resampler_n_heads=shape.perceiver_heads,
             resampler_head_dim=shape.perceiver_dim_head,
@@ -170,12 +161,20 @@ def build_idefics(shape: MatchedShape, seed: int = 0):
     return IdeficsForVisionText2Text(idefics_config(shape)).eval()
 
 
-def open_gates(model: torch.nn.Module, value: float = 0.5) -> None:
-    """Set every tanh gate of either model, so cross-attention changes the output (as trained)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate", "alpha_cross_attn", "alpha_dense")):
-                param.fill_(value)
+# The gates of both models: ours (tanh gates) and IDEFICS' (``alpha_*``), opened to 0.5 so that
+# cross-attention changes the output, as trained (``flamingo_kit.from_scratch.open_gates``).
+GATES = from_scratch.GATES + ("alpha_cross_attn", "alpha_dense")
+GATE_VALUE = 0.5
+
+
+def matched_models(rt: Runtime, seed: int, train: bool) -> dict[str, torch.nn.Module]:
+    """``{"ours": ..., "idefics": ...}`` of ``rt.shape``, gates opened, on ``rt``'s device and
+    dtype, in training or eval mode."""
+    models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
+    for model in models.values():
+        from_scratch.open_gates(model, GATE_VALUE, GATES)
+        model.to(rt.device, rt.dtype).train(train)
+    return models
 
 
 def trainable_count(model: torch.nn.Module) -> int:
@@ -266,6 +265,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device,
             for k, v in batch.items()}
 
 
+def matched_inputs(rt: Runtime, input_ids: torch.Tensor,
+                   pixels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Each model's keyword arguments (:func:`model_inputs`) on ``rt``'s device and dtype."""
+    return {kind: to_device(model_inputs(kind, input_ids, pixels, rt.shape), rt.device, rt.dtype)
+            for kind in ("ours", "idefics")}
+
+
 # -- timing and memory ----------------------------------------------------------------------
 
 
@@ -275,19 +281,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
-                   warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def warm_up(calls: dict[str, Callable[[], object]], times: int) -> dict[str, object]:
+    """Run each call ``times`` times (at least once) before it is timed; return its last output.
+
+    First calls pay one-off costs (allocations, kernel selection, optimizer state, caches) that
+    are not the cost being measured; the outputs serve the benchmarks' sanity checks.
+    """
+    outputs = {}
+    for name, fn in calls.items():
+        for _ in range(max(times, 1)):
+            outputs[name] = fn()
+    return outputs
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn``, queued GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def interleaved_medians(calls: dict[str, Callable[[], object]], device: torch.device,
@@ -300,8 +313,24 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], device: torch.de
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
-            times[name].append(median_seconds(fn, device, 1, warmup=0))
+            times[name].append(seconds(fn, device))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure(calls: dict[str, Callable[[], object]], rt: Runtime, warmup: int,
+            memory: bool = True) -> dict[str, dict[str, object]]:
+    """Per call: ``seconds`` (median), ``memory`` (peak MiB) and ``output`` (for checks).
+
+    The calls are warmed up (:func:`warm_up`, ``warmup`` runs each, at least one), timed in turn
+    in every one of ``rt.repeats`` (:func:`interleaved_medians`), then each one's peak memory is
+    measured in an untimed pass (NaN with ``--no-memory`` or ``memory=False``).
+    """
+    outputs = warm_up(calls, warmup)
+    seconds = interleaved_medians(calls, rt.device, rt.repeats)
+    return {name: {"seconds": seconds[name], "output": outputs[name],
+                   "memory": peak_memory_mib(fn, rt.device) if memory and rt.memory
+                   else float("nan")}
+            for name, fn in calls.items()}
 
 
 class _TensorBytesTracker(TorchDispatchMode):
@@ -361,6 +390,42 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
 # -- command line and output ----------------------------------------------------------------
 
 
+def benchmark_parser(doc: str, model: bool = True, matched: bool = True) -> argparse.ArgumentParser:
+    """A parser described by the first line of ``doc``, with the flags the benchmarks share.
+
+    Every benchmark: ``--threads``, ``--seed``, ``--smoke``. Those that run a model
+    (``model``): ``--device``, ``--dtype``, ``--repeats``. Those comparing the matched models
+    (``matched``): ``--no-memory`` and the :class:`MatchedShape` overrides.
+    """
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: $OMP_NUM_THREADS or all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes and one repetition: checks the benchmark runs")
+    if model:
+        parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+        parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+        parser.add_argument("--repeats", type=int, default=3,
+                            help="timed runs; the median is kept")
+    if matched:
+        parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+        sizes = parser.add_argument_group("shape overrides (default: MatchedShape())")
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "image_size", *FLAMINGO_SIZES):
+            sizes.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+    return parser
+
+
+def image_sweep_parser(doc: str, images: str, seq_len: int) -> argparse.ArgumentParser:
+    """:func:`benchmark_parser` plus the sweep that :func:`image_sweep` reads."""
+    parser = benchmark_parser(doc)
+    parser.add_argument("--images", default=images, help="images per sequence, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    return parser
+
+
 def image_sweep(args: argparse.Namespace) -> tuple[list[int], int, int]:
     """(images per sequence, batch size, sequence length) to run; tiny under ``--smoke``."""
     if args.smoke:
@@ -368,21 +433,20 @@ def image_sweep(args: argparse.Namespace) -> tuple[list[int], int, int]:
     return [int(n) for n in args.images.split(",")], args.batch_size, args.seq_len
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags every benchmark shares: device, dtype, threads, seed, repeats, smoke size."""
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: $OMP_NUM_THREADS or all cores)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is kept")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes and one repetition: checks the benchmark runs")
-    sizes = parser.add_argument_group("shape overrides (default: MatchedShape())")
-    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size",
-                 "num_latents", "perceiver_depth", "cross_attn_every"):
-        sizes.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+def setup_process(args: argparse.Namespace) -> int:
+    """Apply ``--threads`` and ``--seed``; returns the number of intra-op threads."""
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    seed_everything(args.seed)
+    return threads
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    """``--device``, refused when it names a GPU this machine does not have."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was given but torch.cuda.is_available() is False")
+    return device
 
 
 @dataclass
@@ -407,12 +471,7 @@ class Runtime:
 
 def setup_runtime(args: argparse.Namespace, shape: MatchedShape | None = None) -> Runtime:
     """Apply threads/seed from ``args``; smoke runs use :data:`SMOKE_SHAPE` and one repeat."""
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was given but torch.cuda.is_available() is False")
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    seed_everything(args.seed)
+    device, threads = device_of(args), setup_process(args)
     if args.smoke:
         return Runtime(device, DTYPES[args.dtype], threads, SMOKE_SHAPE, 1, 0, not args.no_memory)
     overrides = {name: getattr(args, name, None) for name in MatchedShape.__dataclass_fields__}
@@ -423,20 +482,3 @@ def setup_runtime(args: argparse.Namespace, shape: MatchedShape | None = None) -
 def with_overrides(shape: MatchedShape, **sizes: int | None) -> MatchedShape:
     """``shape`` with the sizes that are not None replaced."""
     return replace(shape, **{k: v for k, v in sizes.items() if v is not None})
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table (pastes into benchmarks/README.md as is)."""
-    def cell(value: object) -> str:
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-@contextmanager
-def inference() -> Iterator[None]:
-    """No autograd bookkeeping during generation/forward timing."""
-    with torch.inference_mode():
-        yield

@@ -16,28 +16,27 @@ Run: ``python -m benchmarks.cross_attention [--device cuda --dtype bf16] [--thre
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
 from benchmarks.common import (
+    GATE_VALUE,
+    GATES,
     MatchedShape,
     Runtime,
-    add_common_args,
-    format_table,
     idefics_config,
     idefics_image_attention_mask,
     image_sweep,
+    image_sweep_parser,
     interleaved_ids,
-    interleaved_medians,
-    open_gates,
-    peak_memory_mib,
-    seed_everything,
+    measure,
     setup_runtime,
     xattn_ff_mult,
 )
+from eval_fewshot.report import markdown_table
+from flamingo_kit.from_scratch import open_gates, seed_everything
 
 
 def build_blocks(shape: MatchedShape, seed: int):
@@ -51,7 +50,7 @@ def build_blocks(shape: MatchedShape, seed: int):
                                     shape.hidden_size // shape.num_heads, xattn_ff_mult(shape))
     theirs = IdeficsGatedCrossAttentionLayer(idefics_config(shape), layer_idx=0)
     for block in (ours, theirs):
-        open_gates(block)
+        open_gates(block, GATE_VALUE, GATES)
         block.eval()
     return ours, theirs
 
@@ -60,7 +59,8 @@ def idefics_masks(input_ids: torch.Tensor, shape: MatchedShape, num_images: int,
                   dtype: torch.dtype):
     """The float cross-attention mask and token gate, exactly as ``IdeficsModel.forward``."""
     mask = idefics_image_attention_mask(input_ids, shape.image_token_id, num_images)
-    mask = mask[..., None].expand(-1, -1, -1, shape.num_latents).reshape(*mask.shape[:2], -1)
+    latents = shape.perceiver_num_latents
+    mask = mask[..., None].expand(-1, -1, -1, latents).reshape(*mask.shape[:2], -1)
     mask = torch.where(mask[:, None].bool(), torch.zeros((), dtype=dtype, device=mask.device),
                        torch.finfo(dtype).min)
     gate = (mask == 0.0).any(dim=-1).to(dtype).squeeze(1)
@@ -103,18 +103,13 @@ def run(rt: Runtime, images: list[int], batch_size: int, seq_len: int,
         for n in tqdm(images, desc="images per sequence", leave=False):
             ids = interleaved_ids(rt.shape, batch_size, n, seq_len, generator).to(rt.device)
             hidden = torch.randn(batch_size, seq_len, rt.shape.hidden_size, generator=generator)
-            latents = torch.randn(batch_size, n, rt.shape.num_latents, rt.shape.hidden_size,
-                                  generator=generator)
+            latents = torch.randn(batch_size, n, rt.shape.perceiver_num_latents,
+                                  rt.shape.hidden_size, generator=generator)
             hidden, latents = (x.to(rt.device, rt.dtype) for x in (hidden, latents))
             calls = layer_calls(ours, theirs, rt.shape, ids, hidden, latents)
-            for call in calls.values():
-                for _ in range(rt.warmup):
-                    call()
-            seconds = interleaved_medians(calls, rt.device, rt.repeats)
-            for name, call in calls.items():
-                memory = peak_memory_mib(call, rt.device) if rt.memory else float("nan")
-                results[name, n] = {"per_token": seconds[name] / (batch_size * seq_len),
-                                    "memory": memory}
+            for name, numbers in measure(calls, rt, rt.warmup).items():
+                results[name, n] = {"per_token": numbers["seconds"] / (batch_size * seq_len),
+                                    "memory": numbers["memory"]}
     return results
 
 
@@ -123,8 +118,8 @@ def report(results: dict, images: list[int]) -> str:
     names = ["ours block", "ours incl. K/V", "IDEFICS"]
     rows = [[n, *(1e6 * results[name, n]["per_token"] for name in names),
              *(results[name, n]["memory"] for name in names)] for n in images]
-    lines = [format_table(["images/seq", *(f"{name} us/token" for name in names),
-                           *(f"{name} peak MiB" for name in names)], rows)]
+    lines = [markdown_table(["images/seq", *(f"{name} us/token" for name in names),
+                             *(f"{name} peak MiB" for name in names)], rows)]
     first, last = images[0], images[-1]
     for name in names:
         growth = results[name, last]["per_token"] / results[name, first]["per_token"]
@@ -134,19 +129,11 @@ def report(results: dict, images: list[int]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--images", default="1,4,16,32,64", help="images per sequence")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.set_defaults(repeats=9)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table, return the raw results."""
-    args = parse_args(argv)
+    parser = image_sweep_parser(__doc__, images="1,4,16,32,64", seq_len=1024)
+    parser.set_defaults(repeats=9)
+    args = parser.parse_args(argv)
     rt = setup_runtime(args)
     images, batch_size, seq_len = image_sweep(args)
     print(rt.header(f"one cross-attention layer, forward, batch {batch_size} x {seq_len} tokens"))

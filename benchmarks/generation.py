@@ -13,7 +13,6 @@ Run: ``python -m benchmarks.generation [--device cuda --dtype bf16] [--threads 2
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
@@ -21,19 +20,16 @@ from tqdm import tqdm
 
 from benchmarks.common import (
     Runtime,
-    add_common_args,
-    build_idefics,
-    build_ours,
+    benchmark_parser,
     few_shot_ids,
-    format_table,
-    interleaved_medians,
-    model_inputs,
-    open_gates,
+    matched_inputs,
+    matched_models,
+    measure,
     peak_memory_mib,
     random_pixels,
     setup_runtime,
-    to_device,
 )
+from eval_fewshot.report import markdown_table
 
 MODELS = ("ours", "idefics")
 
@@ -49,40 +45,36 @@ def generate_fn(kind: str, model, batch: dict, new_tokens: int) -> Callable[[], 
     )[:, prompt_len:]
 
 
-def check_length(kind: str, out: torch.Tensor, batch: dict, new_tokens: int) -> None:
+def check_length(kind: str, out: torch.Tensor, ids: torch.Tensor, new_tokens: int) -> None:
     """Both models must generate exactly ``new_tokens`` per row, or the rates are not comparable."""
-    if out.shape != (batch["input_ids"].shape[0], new_tokens):
+    if out.shape != (ids.shape[0], new_tokens):
         raise RuntimeError(f"{kind} generated {tuple(out.shape)}, expected {new_tokens} tokens")
 
 
 def run(rt: Runtime, shots: list[int], batch_size: int, new_tokens: int, caption_len: int,
         query_len: int, seed: int) -> dict[tuple[str, int], dict[str, float]]:
     """Measure both models at every shot count; returns ``{(model, shots): numbers}``."""
-    models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
-    for model in models.values():
-        open_gates(model)  # trained-looking gates: cross-attention is not skipped as zero
-        model.to(rt.device, rt.dtype).eval()
+    models = matched_models(rt, seed, train=False)
     generator = torch.Generator().manual_seed(seed)
     results = {}
     with torch.inference_mode():
         for i, k in enumerate(tqdm(shots, desc="shot counts", leave=False)):
             ids = few_shot_ids(rt.shape, batch_size, k, caption_len, query_len, generator)
-            pixels = random_pixels(rt.shape, batch_size, k + 1, generator)
-            full, prompt_only = {}, {}
-            for kind, model in models.items():
-                batch = to_device(model_inputs(kind, ids, pixels, rt.shape), rt.device, rt.dtype)
-                full[kind] = generate_fn(kind, model, batch, new_tokens)
-                prompt_only[kind] = generate_fn(kind, model, batch, 1)
-                # First calls pay one-off allocation and dispatch costs.
-                for _ in range(rt.warmup if i == 0 else 0):
-                    full[kind]()
-                check_length(kind, full[kind](), batch, new_tokens)
-            seconds = interleaved_medians(full, rt.device, rt.repeats)
-            prompt_seconds = interleaved_medians(prompt_only, rt.device, rt.repeats)
+            batches = matched_inputs(rt, ids, random_pixels(rt.shape, batch_size, k + 1, generator))
+            full = {kind: generate_fn(kind, model, batches[kind], new_tokens)
+                    for kind, model in models.items()}
+            prompt_only = {kind: generate_fn(kind, model, batches[kind], 1)
+                           for kind, model in models.items()}
+            # The first shot count also pays the one-off costs; each call is checked once. Both
+            # timings come before the memory pass, which runs the full calls once more.
+            whole = measure(full, rt, 1 + rt.warmup if i == 0 else 1, memory=False)
+            prompt = measure(prompt_only, rt, 1, memory=False)
             for kind in models:
-                per_token = (seconds[kind] - prompt_seconds[kind]) / max(new_tokens - 1, 1)
+                check_length(kind, whole[kind]["output"], ids, new_tokens)
+                seconds = whole[kind]["seconds"]
+                per_token = (seconds - prompt[kind]["seconds"]) / max(new_tokens - 1, 1)
                 memory = peak_memory_mib(full[kind], rt.device) if rt.memory else float("nan")
-                results[kind, k] = {"seconds": seconds[kind], "per_token": per_token,
+                results[kind, k] = {"seconds": seconds, "per_token": per_token,
                                     "memory": memory, "prompt_len": ids.shape[1]}
     return results
 
@@ -96,7 +88,7 @@ def report(results: dict, shots: list[int], batch_size: int, new_tokens: int) ->
         rows.append([k, k + 1, ours["prompt_len"], tps[0], tps[1], tps[0] / tps[1],
                      1e3 * ours["per_token"], 1e3 * theirs["per_token"],
                      ours["memory"], theirs["memory"]])
-    table = format_table(
+    table = markdown_table(
         ["shots", "images", "prompt tokens", "ours tok/s", "IDEFICS tok/s", "speedup",
          "ours ms/new tok", "IDEFICS ms/new tok", "ours peak MiB", "IDEFICS peak MiB"], rows)
     lines = [table]
@@ -112,20 +104,15 @@ def report(results: dict, shots: list[int], batch_size: int, new_tokens: int) ->
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the table, return the raw results."""
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--shots", default="0,4,8,32", help="comma-separated shot counts")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--caption-len", type=int, default=10, help="text tokens per demo")
     parser.add_argument("--query-len", type=int, default=3, help="text tokens after query image")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark, print the table, return the raw results."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     rt = setup_runtime(args)
     shots = [int(k) for k in args.shots.split(",")]
     new_tokens, batch_size = args.new_tokens, args.batch_size

@@ -12,7 +12,6 @@ Run: ``python -m benchmarks.train_step [--device cuda --dtype bf16] [--threads 2
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
@@ -21,28 +20,25 @@ from tqdm import tqdm
 
 from benchmarks.common import (
     Runtime,
-    add_common_args,
-    build_idefics,
-    build_ours,
-    format_table,
     image_sweep,
+    image_sweep_parser,
     interleaved_ids,
-    interleaved_medians,
-    model_inputs,
-    open_gates,
-    peak_memory_mib,
+    matched_inputs,
+    matched_models,
+    measure,
     random_pixels,
     setup_runtime,
-    to_device,
     trainable_count,
 )
+from eval_fewshot.report import markdown_table
+from flamingo_kit.batching import IGNORE_INDEX
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, image_token_id: int):
     """Mean CE of predicting each next token, ``<image>`` targets ignored (fp32)."""
-    labels = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == image_token_id, -100)
+    labels = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == image_token_id, IGNORE_INDEX)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=-100)
+                           ignore_index=IGNORE_INDEX)
 
 
 def train_step_fn(model: torch.nn.Module, batch: dict, image_token_id: int,
@@ -65,27 +61,21 @@ def train_step_fn(model: torch.nn.Module, batch: dict, image_token_id: int,
 def run(rt: Runtime, images: list[int], batch_size: int, seq_len: int,
         seed: int) -> dict[tuple[str, int], dict[str, float]]:
     """Time both models at every image count; returns ``{(model, images): numbers}``."""
-    models = {"ours": build_ours(rt.shape, seed), "idefics": build_idefics(rt.shape, seed)}
-    for model in models.values():
-        open_gates(model)
-        model.to(rt.device, rt.dtype).train()
+    models = matched_models(rt, seed, train=True)
     generator = torch.Generator().manual_seed(seed)
     results = {}
     for n in tqdm(images, desc="images per sequence", leave=False):
         ids = interleaved_ids(rt.shape, batch_size, n, seq_len, generator)
         pixels = random_pixels(rt.shape, batch_size, n, generator)
-        steps = {}
-        for kind, model in models.items():
-            batch = to_device(model_inputs(kind, ids, pixels, rt.shape), rt.device, rt.dtype)
-            steps[kind] = train_step_fn(model, batch, rt.shape.image_token_id)
-            for _ in range(max(rt.warmup, 1)):  # also creates the optimizer state
-                loss = steps[kind]()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{kind}: non-finite loss {float(loss)} at {n} images")
-        seconds = interleaved_medians(steps, rt.device, rt.repeats)
-        for kind, step in steps.items():
-            memory = peak_memory_mib(step, rt.device) if rt.memory else float("nan")
-            results[kind, n] = {"seconds": seconds[kind], "memory": memory}
+        batches = matched_inputs(rt, ids, pixels)
+        steps = {kind: train_step_fn(model, batches[kind], rt.shape.image_token_id)
+                 for kind, model in models.items()}
+        # The warm-up also creates the optimizer state.
+        for kind, numbers in measure(steps, rt, rt.warmup).items():
+            if not torch.isfinite(numbers["output"]):
+                raise RuntimeError(f"{kind}: non-finite loss {float(numbers['output'])} at "
+                                   f"{n} images")
+            results[kind, n] = {"seconds": numbers["seconds"], "memory": numbers["memory"]}
     for kind, model in models.items():
         results[kind, "trainable"] = trainable_count(model)
     return results
@@ -101,7 +91,7 @@ def report(results: dict, images: list[int], batch_size: int, seq_len: int) -> s
                      ours["memory"] / theirs["memory"],
                      batch_size * seq_len / ours["seconds"],
                      batch_size * seq_len / theirs["seconds"]])
-    lines = [format_table(
+    lines = [markdown_table(
         ["images/seq", "ours ms/step", "IDEFICS ms/step", "speedup (IDEFICS/ours time)",
          "ours peak MiB", "IDEFICS peak MiB", "memory ours/IDEFICS", "ours tok/s",
          "IDEFICS tok/s"], rows)]
@@ -114,18 +104,9 @@ def report(results: dict, images: list[int], batch_size: int, seq_len: int) -> s
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--images", default="1,4,16,32", help="images per sequence, comma-separated")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table, return the raw results."""
-    args = parse_args(argv)
+    args = image_sweep_parser(__doc__, images="1,4,16,32", seq_len=256).parse_args(argv)
     rt = setup_runtime(args)
     images, batch_size, seq_len = image_sweep(args)
     print(rt.header(f"train step (forward + loss + backward + AdamW), batch {batch_size} x "

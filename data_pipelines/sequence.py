@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from flamingo_kit import batching
+from flamingo_kit.batching import IGNORE_INDEX
 from flamingo_kit.processing import EOC_TOKEN, IMAGE_TOKEN, add_flamingo_tokens
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -134,29 +134,10 @@ def collate(
     """Right-pad a batch of documents; ``pixels[b]`` is ``[N_b, C, H, W]`` for document ``b``.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` and ``pixel_values``
-    ``[B, N, 1, C, H, W]`` zero-padded to the largest image count (at least one slot).
+    ``[B, N, 1, C, H, W]`` zero-padded to the largest image count (at least one slot), as
+    :func:`flamingo_kit.batching.collate` lays out every batch.
     """
     if len(documents) != len(pixels):
         raise ValueError(f"{len(documents)} documents but {len(pixels)} pixel tensors")
-    batch, width = len(documents), max(len(d.input_ids) for d in documents)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, doc in enumerate(documents):
-        n = len(doc.input_ids)
-        input_ids[row, :n] = doc.input_ids
-        labels[row, :n] = doc.labels
-        attention_mask[row, :n] = 1
-    shape = next((p.shape[1:] for p in pixels if p.numel()), None)
-    if shape is None:
-        raise ValueError("a batch needs at least one image to know the pixel shape")
-    n_max = max(1, max(len(p) for p in pixels))
-    pixel_values = torch.zeros((batch, n_max, 1, *shape), dtype=torch.float32)
-    for row, p in enumerate(pixels):
-        pixel_values[row, : len(p), 0] = p
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "pixel_values": pixel_values,
-    }
+    return batching.collate([d.input_ids for d in documents], pixels, pad_token_id,
+                            labels=[d.labels for d in documents], min_image_slots=1)

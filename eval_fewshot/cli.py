@@ -204,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     from eval_fewshot.datasets import DataFormatError, TemplateError
     from eval_fewshot.inference import FewShotModel
     from eval_fewshot.report import format_table, plot_scores, write_json
-    from eval_fewshot.runner import Distributed, EvalConfig, Evaluator, ShotsError, results_to_json
+    from eval_fewshot.runner import EvalConfig, Evaluator, ShotsError, results_to_json
     from eval_fewshot.tasks import get_task
     from flamingo_kit import FlamingoModel, FlamingoProcessor
+    from flamingo_kit.distributed import DistInfo
 
     # Everything read from the command line and the data files is checked before any model
     # work; what is wrong there ends the run with one line, not a traceback.
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataFormatError, TemplateError, FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     init_distributed(args.device)
-    dist = Distributed.current()
+    dist = DistInfo.current()
     device = args.device
     if device == "cuda" and dist.world_size > 1:
         device = f"cuda:{torch.cuda.current_device()}"

@@ -18,6 +18,7 @@ from PIL import Image
 
 from eval_fewshot.prompts import Prompt
 from flamingo_kit.backbones import lm_context_length
+from flamingo_kit.batching import collate
 from flamingo_kit.processing import IMAGE_TOKEN
 
 IMAGE_CACHE_SIZE = 4096
@@ -90,27 +91,15 @@ class FewShotModel:
 
     def _collate(self, ids: Sequence[Sequence[int]], images: Sequence[Sequence[str]],
                  side: str = "left") -> dict[str, torch.Tensor]:
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
         for b, row in enumerate(ids):
             n_tokens = row.count(self.model.image_token_id)
             if n_tokens != len(images[b]):
                 raise ValueError(f"prompt {b}: {n_tokens} {IMAGE_TOKEN} tokens but "
                                  f"{len(images[b])} images")
-            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-            input_ids[b, span] = torch.tensor(row, dtype=torch.long)
-            mask[b, span] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask}
-        n_max = max(len(imgs) for imgs in images)
-        if n_max:
-            flat = self.pixels([p for imgs in images for p in imgs])
-            pixel_values = flat.new_zeros((len(ids), n_max, 1, *flat.shape[1:]))
-            start = 0
-            for b, imgs in enumerate(images):
-                pixel_values[b, : len(imgs), 0] = flat[start : start + len(imgs)]
-                start += len(imgs)
-            batch["pixel_values"] = pixel_values
+        paths = [path for row in images for path in row]
+        pixels = self.pixels(paths) if paths else torch.empty(0)
+        batch = collate(ids, pixels.split([len(row) for row in images]),
+                        self.tokenizer.pad_token_id, side)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # -- generation -------------------------------------------------------------------------

@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Right-aligned columns separated by `` | `` under a ``---|---`` rule.
+
+    Reads as plain text in a terminal and is a Markdown table (it pastes into a README as is).
+    Floats are shown with 3 significant digits, other values as ``str`` gives them.
+    """
+    def cell(value: object) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(value) for value in row] for row in rows]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return " | ".join(v.rjust(w) for v, w in zip(values, widths))
+
+    return "\n".join([line(headers), "-|-".join("-" * w for w in widths), *map(line, cells)])
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table: one row per shot count, ``mean ± std`` per metric.
+    """The results as a table (:func:`markdown_table`): a row per shot count, ``mean ± std`` per
+    metric.
 
     ``shots`` is the count asked for and ``used`` the mean number of demonstrations the prompts
     held (fewer when they had to fit the context). Headers carry the metric direction (↑ higher
@@ -23,15 +43,10 @@ def format_table(results: dict[str, Any]) -> str:
         cells = [str(r["shots"]), f"{r['shots_used']['mean']:.1f}"]
         cells += [f"{r['mean'][m['name']]:.2f} ± {r['std'][m['name']]:.2f}" for m in metrics]
         rows.append(cells)
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return " | ".join(c.rjust(w) for c, w in zip(cells, widths))
-
     first = results["results"][0]
     n_queries = len(first["trials"][0]["predictions"])
-    out = [f"task: {results['task']}  (model: {results.get('model', '?')})", line(headers),
-           "-+-".join("-" * w for w in widths)] + [line(row) for row in rows]
+    out = [f"task: {results['task']}  (model: {results.get('model', '?')})",
+           markdown_table(headers, rows)]
     out.append(f"mean ± std over {len(first['trials'])} trial(s) of {n_queries} queries; "
                f"selection: {results['config']['selection']}")
     out += [f"{m['label']}: {m['variant']} ({m['note']})" for m in metrics if m.get("variant")]

@@ -32,6 +32,7 @@ from eval_fewshot.selection import (
     Selector,
 )
 from eval_fewshot.tasks import Task
+from flamingo_kit.distributed import DistInfo
 
 # Room kept for the answer when ranking: class names are short.
 RANK_RESERVE_TOKENS = 16
@@ -63,29 +64,6 @@ class EvalConfig:
 
 class ShotsError(ValueError):
     """Some prompts held fewer demonstrations than asked (raised with ``strict_shots``)."""
-
-
-@dataclass
-class Distributed:
-    """This process's rank and the world size (1 without torch.distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def current(cls) -> Distributed:
-        """From an initialised torch.distributed process group, else single-process."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
-        return cls()
-
-    def gather(self, records: list[dict]) -> list[dict]:
-        """All ranks' records, on every rank."""
-        if self.world_size == 1:
-            return records
-        parts: list[list[dict]] = [[] for _ in range(self.world_size)]
-        torch.distributed.all_gather_object(parts, records)
-        return [r for part in parts for r in part]
 
 
 @dataclass
@@ -133,9 +111,9 @@ class Evaluator:
     """Runs one task on one model for all shot counts and trials (see the module docstring)."""
 
     def __init__(self, task: Task, data: TaskData, model: FewShotModel, config: EvalConfig,
-                 dist: Distributed | None = None):
+                 dist: DistInfo | None = None):
         self.task, self.data, self.model, self.config = task, data, model, config
-        self.dist = dist or Distributed.current()
+        self.dist = dist or DistInfo.current()
         self.queries = limit_queries(data.queries, config.limit, config.seed)
         self.selection = config.selection or task.selection
         if self.selection == "rices" and config.fixed_demos:

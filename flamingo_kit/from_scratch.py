@@ -1,14 +1,21 @@
-"""LMs and vision towers built from a config, with random weights: parts trained from scratch.
+"""LMs, vision towers and Flamingo models built from a config, with random weights.
 
 The training stages build their text-only LM (stage a) and contrastive vision tower (stage b)
-from these configs, since no pretrained weights can be downloaded offline; tests and benchmarks
-build their small towers with the same functions, so every part of the toolkit can be exercised
-without a checkpoint. ``lm_config`` speaks one vocabulary of size/depth knobs across LM
-families, so the same test runs on all of them.
+from these configs, since no pretrained weights can be downloaded offline; tests, the evaluation
+toy and the benchmarks build their small models with the same functions, so every part of the
+toolkit can be exercised without a checkpoint. ``lm_config`` speaks one vocabulary of
+size/depth knobs across LM families, so the same test runs on all of them; ``build_flamingo``
+joins two such parts with the small sizes of :data:`TINY_FLAMINGO`, and ``open_gates`` makes
+its cross-attention count, as it does once trained. ``seed_everything`` is the one seeding of
+Python, numpy and torch (the trainer's and the benchmarks').
 """
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
+import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,7 +28,17 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from flamingo_kit.config import FlamingoConfig
+from flamingo_kit.modeling import FlamingoModel
+
 LM_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "opt", "gpt_neox", "phi", "mpt")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices), so weights, dropout and data order repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def lm_config(
@@ -66,21 +83,13 @@ def lm_config(
 
 def build_lm(family: str = "llama", seed: int = 0, **shape) -> PreTrainedModel:
     """A randomly initialised causal LM (eval mode, fp32) from :func:`lm_config`."""
-    import torch
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(lm_config(family, **shape))
     return model.eval()
 
 
-def vision_config(
-    kind: str = "clip",
-    image_size: int = 32,
-    patch_size: int = 8,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-) -> PretrainedConfig:
+def vision_config(kind: str = "clip", image_size: int = 32, patch_size: int = 8,
+                  hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4) -> PretrainedConfig:
     """A CLIP or SigLIP vision-tower config of the given shape."""
     kw = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
               num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -97,8 +106,6 @@ def vision_config(
 
 def build_vision(kind: str = "clip", seed: int = 0, **shape) -> PreTrainedModel:
     """A randomly initialised CLIP/SigLIP vision tower (eval mode) from :func:`vision_config`."""
-    import torch
-
     torch.manual_seed(seed)
     config = vision_config(kind, **shape)
     cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
@@ -111,3 +118,43 @@ def image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     )
+
+
+# Flamingo sizes of the small models of tests, the evaluation toy and smoke runs: small enough to
+# run anywhere, large enough to exercise multi-head and multi-latent code.
+TINY_FLAMINGO = dict(
+    cross_attn_every_n_layers=1,
+    perceiver_num_latents=8,
+    perceiver_depth=1,
+    perceiver_heads=2,
+    perceiver_dim_head=16,
+    xattn_heads=2,
+    xattn_dim_head=16,
+)
+# Names of the tanh gates of flamingo-kit's gated cross-attention blocks.
+GATES = ("attn_gate", "ff_gate")
+
+
+def build_flamingo(lm: PreTrainedModel | str, vision: PreTrainedModel | str, seed: int = 0,
+                   processor=None, **config) -> FlamingoModel:
+    """A FlamingoModel joining ``lm`` and ``vision`` with :data:`TINY_FLAMINGO` sizes.
+
+    ``config`` overrides any :class:`~flamingo_kit.FlamingoConfig` field; the new parts
+    (resampler, cross-attention, media-token rows) are initialised from ``seed``. With
+    ``processor`` the media-token ids are the ones its tokenizer assigned.
+    """
+    torch.manual_seed(seed)
+    config = FlamingoConfig(**{**TINY_FLAMINGO, **config})
+    return FlamingoModel.from_parts(lm, vision, config, processor=processor)
+
+
+@torch.no_grad()
+def open_gates(model: torch.nn.Module, value: float = 1.0, names: tuple[str, ...] = GATES) -> None:
+    """Set every gate parameter named in ``names`` to ``value``.
+
+    Gates start at 0, where images change nothing; open, they let checks and timings see what a
+    trained model does with its images.
+    """
+    for name, param in model.named_parameters():
+        if name.endswith(names):
+            param.fill_(value)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from flamingo_kit.batching import IGNORE_INDEX
+
 # Logits alive at once in the loss (2**25 fp32 values: 128 MiB), e.g. 1,024 positions of a
 # 32k vocabulary. A batch with fewer supervised positions runs as one chunk, without recompute.
 LOGITS_PER_CHUNK = 2**25

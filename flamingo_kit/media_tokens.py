@@ -7,22 +7,97 @@ twice, in the open: ``media_tokens.embedding(input_ids, lm_table)`` embeds the i
 ``media_tokens.head(hidden, lm_head)`` turns the LM's last hidden states into logits over the
 LM vocabulary plus the two media tokens.
 
-Reading order: :func:`media_token_ids` (which ids the tokens get), :class:`MediaTokenEmbedding`,
+Reading order: :class:`LogitScaling` and :func:`logit_scaling` (what an LM's causal-LM class does
+around its head), :func:`media_token_ids` (which ids the tokens get), :class:`MediaTokenEmbedding`,
 :class:`MediaTokenHead`, :class:`MediaTokens` (both, built from an LM).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Config fields with which a causal-LM class rescales its head's output in ways this module does
-# not reproduce (Cohere, Granite, MiniCPM3, Falcon-H1, RecurrentGemma, ...): such LMs are refused
-# rather than given logits that differ from the LM's own. ``final_logit_softcapping`` (Gemma 2
-# and later) is reproduced.
-UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "lm_head_multiplier",
-                             "logits_soft_cap", "logits_mup_width_multiplier")
+# Config fields with which causal-LM classes rescale around their head. Those of the families in
+# ``_RESCALING`` are reproduced; for any other LM a value other than 1 is refused, since the
+# logits would differ from the LM's own.
+RESCALING_FIELDS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "logits_soft_cap",
+                    "logits_mup_width_multiplier", "output_multiplier")
+
+
+@dataclass(frozen=True)
+class LogitScaling:
+    """What an LM's causal-LM class does around its head beyond ``head(hidden)``, in its order.
+
+    ``hidden_divisor`` divides the hidden states before the head (MiniCPM3); ``multiplier`` or
+    ``divisor`` then scales the logits (Cohere's ``logit_scale``, Granite's ``logits_scaling``,
+    ...), and ``softcap`` caps them: ``tanh(logits / cap) * cap`` (Gemma 2 and later). ``None``:
+    that step is not taken. Each step is the LM's own operation, so the logits are bit for bit
+    the LM's; the media tokens' logits go through the same steps.
+    """
+
+    hidden_divisor: float | None = None
+    multiplier: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    def scale_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's input, as the LM's class prepares it."""
+        return hidden if self.hidden_divisor is None else hidden / self.hidden_divisor
+
+    def rescale(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's output, rescaled and capped as the LM's class does it."""
+        if self.multiplier is not None:
+            logits = logits * self.multiplier
+        if self.divisor is not None:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = logits / self.softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.softcap
+        return logits
+
+
+def _falcon_h1(config) -> LogitScaling:
+    if config.embedding_multiplier not in (None, 1, 1.0):
+        raise ValueError(
+            f"FalconH1ForCausalLM scales token embeddings (embedding_multiplier="
+            f"{config.embedding_multiplier}) only when given token ids, and flamingo-kit passes "
+            "embeddings: its logits would differ from the LM's own")
+    return LogitScaling(multiplier=config.lm_head_multiplier)
+
+
+# Causal-LM classes (by ``model_type``) that rescale around their head, as their ``forward`` in
+# transformers 5.x does it; each is checked against the LM itself in tests/test_model.py.
+_RESCALING: dict[str, Callable[[Any], LogitScaling]] = {
+    "cohere": lambda config: LogitScaling(multiplier=config.logit_scale),
+    "cohere2": lambda config: LogitScaling(multiplier=config.logit_scale),
+    "granite": lambda config: LogitScaling(divisor=config.logits_scaling),
+    "granitemoe": lambda config: LogitScaling(divisor=config.logits_scaling),
+    "granitemoeshared": lambda config: LogitScaling(divisor=config.logits_scaling),
+    "hyperclovax": lambda config: LogitScaling(multiplier=config.logits_scaling),
+    "minicpm3": lambda config: LogitScaling(hidden_divisor=config.logits_scaling),
+    "falcon_h1": _falcon_h1,
+}
+
+
+def logit_scaling(lm: nn.Module) -> LogitScaling:
+    """How ``lm``'s causal-LM class rescales around its head; raises for one not reproduced."""
+    config = lm.config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if config.model_type in _RESCALING:
+        return replace(_RESCALING[config.model_type](config), softcap=softcap)
+    scaled = [name for name in RESCALING_FIELDS if getattr(config, name, None) not in (None, 1, 1.0)]
+    if scaled:
+        raise ValueError(
+            f"{type(lm).__name__} rescales its logits ({scaled[0]}={getattr(config, scaled[0])}), "
+            "which flamingo-kit does not reproduce for this model type: its logits would "
+            "differ from the LM's own")
+    return LogitScaling(softcap=softcap)
 
 
 def media_token_ids(lm: nn.Module, image_token_id: int | None,
@@ -96,16 +171,16 @@ class MediaTokenHead(nn.Module):
 
     ``weight`` ``[2, D]`` and ``bias`` ``[2]`` score ``<image>`` and ``<|endofchunk|>``; they start
     at the mean of the LM head's rows (and bias). The logits span ``vocab_size`` entries: an LM
-    head with fewer rows than the media ids need is padded with the dtype's minimum. An LM whose
-    causal-LM class soft-caps its logits (``final_logit_softcapping``) gets the same cap here,
-    applied after the media logits are in place, as that class would apply it.
+    head with fewer rows than the media ids need is padded with the dtype's minimum. ``scaling``
+    repeats what the LM's causal-LM class does around its head (:class:`LogitScaling`), with the
+    media logits in place, as that class would do it to a head holding their rows.
     """
 
     @torch.no_grad()
     def __init__(self, head: nn.Module, token_ids: tuple[int, int], vocab_size: int,
-                 softcap: float | None = None):
+                 scaling: LogitScaling | None = None):
         super().__init__()
-        self.vocab_size, self.softcap = vocab_size, softcap
+        self.vocab_size, self.scaling = vocab_size, scaling or LogitScaling()
         self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
         self.weight = nn.Parameter(head.weight.float().mean(0).repeat(2, 1))
         bias = getattr(head, "bias", None)
@@ -114,6 +189,7 @@ class MediaTokenHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """The LM's last hidden states ``[B, T, D]`` -> logits ``[B, T, vocab_size]``."""
+        hidden = self.scaling.scale_hidden(hidden)
         logits = head(hidden)
         extra = F.linear(hidden, self.weight.to(hidden.dtype),
                          self.bias.to(hidden.dtype)).to(logits.dtype)
@@ -121,12 +197,7 @@ class MediaTokenHead(nn.Module):
             pad = logits.new_full((*logits.shape[:-1], self.vocab_size - logits.shape[-1]),
                                   torch.finfo(logits.dtype).min)
             logits = torch.cat([logits, pad], dim=-1)
-        logits = logits.index_copy(-1, self.token_ids, extra)
-        if self.softcap is not None:  # as Gemma 2's causal-LM class does it
-            logits = logits / self.softcap
-            logits = torch.tanh(logits)
-            logits = logits * self.softcap
-        return logits
+        return self.scaling.rescale(logits.index_copy(-1, self.token_ids, extra))
 
 
 class MediaTokens(nn.Module):
@@ -134,17 +205,9 @@ class MediaTokens(nn.Module):
 
     def __init__(self, lm: nn.Module, image_token_id: int, eoc_token_id: int):
         super().__init__()
-        config = lm.config.get_text_config()
-        scaled = [name for name in UNSUPPORTED_LOGIT_SCALING
-                  if getattr(config, name, None) not in (None, 1, 1.0)]
-        if scaled:
-            raise ValueError(
-                f"{type(lm).__name__} rescales its logits ({scaled[0]}="
-                f"{getattr(config, scaled[0])}), which flamingo-kit does not reproduce: it "
-                "computes logits as the LM head applied to the LM's last hidden states")
         table, head = lm.get_input_embeddings(), lm.get_output_embeddings()
         vocab_size = max(table.num_embeddings, head.weight.shape[0],
                          image_token_id + 1, eoc_token_id + 1)
         self.embedding = MediaTokenEmbedding(table, image_token_id, eoc_token_id)
         self.head = MediaTokenHead(head, (image_token_id, eoc_token_id), vocab_size,
-                                   getattr(config, "final_logit_softcapping", None))
+                                   logit_scaling(lm))

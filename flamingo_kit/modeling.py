@@ -22,6 +22,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from flamingo_kit.backbones import VisionEncoder, load_lm, load_vision
+from flamingo_kit.batching import IGNORE_INDEX
 from flamingo_kit.config import FlamingoConfig
 from flamingo_kit.cross_attention import GatedCrossAttentionBlock
 from flamingo_kit.generation import GenerationMixin
@@ -31,7 +32,7 @@ from flamingo_kit.lm_integration import (
     lm_body,
     media_scope,
 )
-from flamingo_kit.loss import IGNORE_INDEX, LossTargets
+from flamingo_kit.loss import LossTargets
 from flamingo_kit.media import (
     MediaState,
     PrefixState,

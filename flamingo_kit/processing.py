@@ -24,6 +24,8 @@ from PIL import Image
 from tokenizers import AddedToken
 from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding, PretrainedConfig
 
+from flamingo_kit.batching import PADDING_SIDES, collate
+
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
 MEDIA_TOKENS = (IMAGE_TOKEN, EOC_TOKEN)
@@ -96,7 +98,7 @@ class FlamingoProcessor:
         padding_side: str = "right",
         truncation: str = "demonstrations",
     ):
-        if padding_side not in ("left", "right"):
+        if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         _check_truncation(truncation)
         self.truncation = truncation
@@ -260,26 +262,11 @@ class FlamingoProcessor:
         )
 
     def _collate(self, encoded, side: str) -> BatchEncoding:
-        width = max(len(ids) for ids, _ in encoded)
-        pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(encoded):
-            span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
-            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, span] = 1
-        out = {"input_ids": input_ids, "attention_mask": attention_mask}
-        n_max = max(len(imgs) for _, imgs in encoded)
-        if n_max:
-            all_images = [img for _, imgs in encoded for img in imgs]
-            pixels = self.preprocess_images(all_images)
-            pixel_values = pixels.new_zeros((len(encoded), n_max, 1, *pixels.shape[1:]))
-            start = 0
-            for row, (_, imgs) in enumerate(encoded):
-                pixel_values[row, : len(imgs), 0] = pixels[start : start + len(imgs)]
-                start += len(imgs)
-            out["pixel_values"] = pixel_values
-        return BatchEncoding(out)
+        counts = [len(images) for _, images in encoded]
+        all_images = [image for _, images in encoded for image in images]
+        pixels = self.preprocess_images(all_images) if all_images else torch.empty(0)
+        ids = [ids for ids, _ in encoded]
+        return BatchEncoding(collate(ids, pixels.split(counts), self.tokenizer.pad_token_id, side))
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Images -> ``[N, C, H, W]`` float tensor with the vision tower's own transform."""

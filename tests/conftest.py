@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenizer, image processor and Flamingo model built offline."""
+"""Shared fixtures: a tiny tokenizer, image processor and Flamingo model built offline, the tiny
+training world (:mod:`tests.train_world`) and a one-process rendezvous."""
 
 from __future__ import annotations
 
@@ -14,12 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from flamingo_kit import (  # noqa: E402
-    FlamingoConfig,
-    FlamingoModel,
-    FlamingoProcessor,
-    from_scratch,  # noqa: E402
-)
+from flamingo_kit import FlamingoModel, FlamingoProcessor, from_scratch  # noqa: E402
+from tests.train_world import build_world  # noqa: E402
 
 CORPUS = [
     "A red circle is above a blue square.",
@@ -27,17 +24,6 @@ CORPUS = [
     "Output: two green triangles and a yellow star.",
     "The cat sits on the mat. It is small.",
 ] * 20
-
-# Small enough to run everywhere, large enough to exercise multi-head and multi-latent code.
-TINY_FLAMINGO = dict(
-    cross_attn_every_n_layers=1,
-    perceiver_num_latents=8,
-    perceiver_depth=1,
-    perceiver_heads=2,
-    perceiver_dim_head=16,
-    xattn_heads=2,
-    xattn_dim_head=16,
-)
 
 
 @pytest.fixture(scope="session")
@@ -68,17 +54,7 @@ def build_model(family: str = "llama", processor=None, seed: int = 0, **override
     """A tiny Flamingo model whose LM vocabulary matches the test tokenizer (300)."""
     lm = from_scratch.build_lm(family, seed=seed, vocab_size=300)
     vision = from_scratch.build_vision("clip", seed=seed)
-    torch.manual_seed(seed)
-    config = FlamingoConfig(**{**TINY_FLAMINGO, **overrides})
-    return FlamingoModel.from_parts(lm, vision, config, processor=processor)
-
-
-def open_gates(model: FlamingoModel, value: float = 1.0) -> None:
-    """Set every tanh gate so cross-attention actually contributes."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate")):
-                param.fill_(value)
+    return from_scratch.build_flamingo(lm, vision, seed, processor, **overrides)
 
 
 @torch.no_grad()
@@ -113,3 +89,23 @@ def randomize_all(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 value = noise / param.shape[-1] ** 0.5
             param.copy_(value.to(param.dtype))
     return model
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict[str, str]:
+    """The tiny training world (:func:`tests.train_world.build_world`), built once per session."""
+    return build_world(str(tmp_path_factory.mktemp("world")))
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    """Rendezvous variables of a one-process job on a fresh port, restored afterwards."""
+    from train.distributed import free_port
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    yield

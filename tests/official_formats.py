@@ -25,15 +25,15 @@ from __future__ import annotations
 import json
 import os
 
-from eval_fewshot.toy import COLORS, draw_shape
+from data_pipelines.synthetic.scenes import SHAPES, SceneObject, render
 
-SHAPES = ("circle", "square", "triangle")
+COLORS = ("blue", "green", "red")
 
 
 def _jpg(path: str, i: int) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    color = sorted(COLORS)[i % len(COLORS)]
-    draw_shape(SHAPES[i % len(SHAPES)], color, "large", 0.5, 0.5).save(path, format="JPEG")
+    shape = SceneObject(SHAPES[i % 3], COLORS[i % len(COLORS)], "large", 0.5, 0.5)
+    render([shape], 32).save(path, format="JPEG")
 
 
 def _json(data, path: str) -> None:

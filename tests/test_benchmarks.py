@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from benchmarks import common, cross_attention, generation, ptb_tokenizer, train_step
+from benchmarks import data as data_benchmark
+from benchmarks import eval as eval_benchmark
 from eval_fewshot.metrics.java_ptb import java_available
 
 SMOKE = ["--smoke", "--threads", "1"]
@@ -41,6 +43,16 @@ def test_cross_attention_smoke_measures_all_calls():
     for name in ("ours block", "ours incl. K/V", "IDEFICS"):
         for n in (1, 4):
             assert _finite_positive(results[name, n]["per_token"])
+
+
+def test_eval_smoke_times_both_modes_with_identical_predictions():
+    results = eval_benchmark.main(SMOKE)
+    assert _finite_positive(results["whole prompts"]) and _finite_positive(results["prefix reuse"])
+    assert results["identical"]
+
+
+def test_data_smoke_measures_the_loader():
+    assert _finite_positive(data_benchmark.main(SMOKE)[0])
 
 
 def _params(module: torch.nn.Module) -> int:

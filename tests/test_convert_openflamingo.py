@@ -31,12 +31,7 @@ from tests.openflamingo_ref import (
     openflamingo_root,
     save_openflamingo_checkpoint,
 )
-from tests.test_train_utils import (  # noqa: F401
-    common_overrides,
-    single_process,
-    stage_overrides,
-    world,
-)
+from tests.train_world import common_overrides, stage_overrides
 from train.config import load_config
 from train.recipe import run
 

@@ -10,19 +10,6 @@ from data_pipelines.sequence import (
     document_text,
     supervision_mask,
 )
-from data_pipelines.tokenizer import train_tokenizer
-
-CORPUS = [
-    "a red circle on the left.",
-    "Question: what color is the square? Short answer: blue",
-    "Output: a small green triangle.",
-    "the blick is here. intro text about shapes.",
-] * 20
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(CORPUS, vocab_size=300)
 
 
 class Img:
@@ -50,23 +37,23 @@ def reference_labels(ids, image_id, eoc_id):
     return labels
 
 
-def expected_ids(tok, layout):
-    return tok(layout, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+def expected_ids(tokenizer, layout):
+    return tokenizer(layout, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def test_zero_images_all_masked(tok):
-    doc = SequenceBuilder(tok, max_length=64)(["the blick is here."])
-    assert doc.input_ids.tolist() == expected_ids(tok, "the blick is here.")
+def test_zero_images_all_masked(tokenizer):
+    doc = SequenceBuilder(tokenizer, max_length=64)(["the blick is here."])
+    assert doc.input_ids.tolist() == expected_ids(tokenizer, "the blick is here.")
     assert doc.labels.tolist() == [IGNORE_INDEX] * len(doc.input_ids)
     assert doc.images == [] and doc.n_supervised == 0
 
 
-def test_one_image(tok):
+def test_one_image(tokenizer):
     img = Img("a")
-    doc = SequenceBuilder(tok, max_length=64)(["intro text. ", img, "a red circle."])
-    ids = expected_ids(tok, "intro text. <image>a red circle.<|endofchunk|>")
+    doc = SequenceBuilder(tokenizer, max_length=64)(["intro text. ", img, "a red circle."])
+    ids = expected_ids(tokenizer, "intro text. <image>a red circle.<|endofchunk|>")
     assert doc.input_ids.tolist() == ids
-    image_id, eoc_id = tok.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
+    image_id, eoc_id = tokenizer.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
     start, end = ids.index(image_id), ids.index(eoc_id)
     # supervised: exactly the chunk text and its <|endofchunk|>; not intro, <image> or EOS
     expected = [IGNORE_INDEX] * (start + 1) + ids[start + 1 : end + 1] + [IGNORE_INDEX]
@@ -74,17 +61,17 @@ def test_one_image(tok):
     assert doc.images == [img]
 
 
-def test_three_images_order_and_masks(tok):
+def test_three_images_order_and_masks(tokenizer):
     a, b, c = Img("a"), Img("b"), Img("c")
     items = ["intro text. ", a, "a red circle.", " the blick is here. ", b,
              "Output: a small green triangle.", c, "Short answer: blue"]
     # the distractor after a chunk's text belongs to the first chunk (no <image> between)
-    doc = SequenceBuilder(tok, max_length=256)(items)
+    doc = SequenceBuilder(tokenizer, max_length=256)(items)
     layout = ("intro text. <image>a red circle. the blick is here. <|endofchunk|><image>"
               "Output: a small green triangle.<|endofchunk|><image>Short answer: blue<|endofchunk|>")
-    ids = expected_ids(tok, layout)
+    ids = expected_ids(tokenizer, layout)
     assert doc.input_ids.tolist() == ids
-    image_id, eoc_id = tok.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
+    image_id, eoc_id = tokenizer.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
     assert doc.labels.tolist() == reference_labels(ids, image_id, eoc_id)
     assert doc.images == [a, b, c]
     assert doc.input_ids.tolist().count(image_id) == 3
@@ -115,59 +102,59 @@ def test_adjacent_images_share_a_chunk():
     assert images == [a, b]
 
 
-def test_max_images_drops_later_images_and_their_text(tok):
+def test_max_images_drops_later_images_and_their_text(tokenizer):
     imgs = [Img(str(i)) for i in range(4)]
     items = [x for i, img in enumerate(imgs) for x in (img, f"shape {i}.")]
     text, images = document_text(items, max_images=2)
     assert text == "<image>shape 0.<|endofchunk|><image>shape 1.<|endofchunk|>"
     assert images == imgs[:2]
-    doc = SequenceBuilder(tok, max_length=256, max_images=2)(items)
+    doc = SequenceBuilder(tokenizer, max_length=256, max_images=2)(items)
     assert doc.images == imgs[:2]
 
 
 @pytest.mark.parametrize("max_length", range(2, 40))
-def test_truncation_keeps_images_and_tokens_paired(tok, max_length):
+def test_truncation_keeps_images_and_tokens_paired(tokenizer, max_length):
     imgs = [Img(str(i)) for i in range(3)]
     items = ["intro text. ", imgs[0], "a red circle.", imgs[1], "Output: a small green triangle.",
              imgs[2], "blue"]
-    doc = SequenceBuilder(tok, max_length=max_length)(items)
-    image_id = tok.convert_tokens_to_ids("<image>")
+    doc = SequenceBuilder(tokenizer, max_length=max_length)(items)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
     n_tokens = doc.input_ids.tolist().count(image_id)
     assert len(doc.input_ids) <= max_length
     assert doc.images == imgs[:n_tokens]
     assert len(doc.input_ids) == 0 or doc.input_ids[-1] != image_id
-    full = SequenceBuilder(tok, max_length=512)(items)
+    full = SequenceBuilder(tokenizer, max_length=512)(items)
     assert doc.input_ids.tolist() == full.input_ids[: len(doc.input_ids)].tolist()
 
 
 @pytest.mark.parametrize("max_length", range(2, 30))
-def test_truncation_drops_every_image_left_without_text(tok, max_length):
+def test_truncation_drops_every_image_left_without_text(tokenizer, max_length):
     """Adjacent images share a chunk: a cut after any of them drops them all."""
     imgs = [Img(str(i)) for i in range(5)]
     items = ["intro. ", imgs[0], imgs[1], "two shapes.", imgs[2], imgs[3], imgs[4], "blue"]
-    doc = SequenceBuilder(tok, max_length=max_length)(items)
-    image_id = tok.convert_tokens_to_ids("<image>")
+    doc = SequenceBuilder(tokenizer, max_length=max_length)(items)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
     ids = doc.input_ids.tolist()
     assert doc.images == imgs[: ids.count(image_id)]
     # Every <image> is followed, within the sequence, by a token that is not an image.
     for i, t in enumerate(ids):
         if t == image_id:
             assert any(u != image_id for u in ids[i + 1:]), (max_length, ids)
-    full = SequenceBuilder(tok, max_length=512)(items)
+    full = SequenceBuilder(tokenizer, max_length=512)(items)
     assert ids == full.input_ids[: len(ids)].tolist()
 
 
-def test_collate_pads_and_aligns_pixels(tok):
-    builder = SequenceBuilder(tok, max_length=64)
+def test_collate_pads_and_aligns_pixels(tokenizer):
+    builder = SequenceBuilder(tokenizer, max_length=64)
     docs = [builder([Img("a"), "a red circle."]),
             builder([Img("b"), "blue", Img("c"), "Output: a small green triangle."])]
     pixels = [torch.full((1, 3, 4, 4), 1.0), torch.stack([torch.full((3, 4, 4), 2.0),
                                                           torch.full((3, 4, 4), 3.0)])]
-    batch = collate(docs, pixels, pad_token_id=tok.pad_token_id)
+    batch = collate(docs, pixels, pad_token_id=tokenizer.pad_token_id)
     n0 = len(docs[0].input_ids)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (batch["input_ids"].shape[1] - n0)
-    assert (batch["input_ids"][0, n0:] == tok.pad_token_id).all()
+    assert (batch["input_ids"][0, n0:] == tokenizer.pad_token_id).all()
     assert (batch["labels"][0, n0:] == IGNORE_INDEX).all()
     assert batch["pixel_values"].shape == (2, 2, 1, 3, 4, 4)
     assert batch["pixel_values"][0, 0].unique().tolist() == [1.0]
@@ -175,8 +162,8 @@ def test_collate_pads_and_aligns_pixels(tok):
     assert batch["pixel_values"][1, :, 0, 0, 0, 0].tolist() == [2.0, 3.0]
 
 
-def test_builder_rejects_bad_limits(tok):
+def test_builder_rejects_bad_limits(tokenizer):
     with pytest.raises(ValueError, match="max_length"):
-        SequenceBuilder(tok, max_length=1)
+        SequenceBuilder(tokenizer, max_length=1)
     with pytest.raises(ValueError, match="max_images"):
-        SequenceBuilder(tok, max_length=8, max_images=0)
+        SequenceBuilder(tokenizer, max_length=8, max_images=0)

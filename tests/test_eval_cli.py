@@ -7,9 +7,10 @@ import shutil
 import pytest
 
 from eval_fewshot import cli
-from eval_fewshot.runner import Distributed, EvalConfig, Evaluator
+from eval_fewshot.runner import EvalConfig, Evaluator
 from eval_fewshot.tasks import get_task, task_names
 from eval_fewshot.toy import build_toy_model, write_toy_eval_sets
+from flamingo_kit.distributed import DistInfo
 from tests.official_formats import (
     write_coco_karpathy,
     write_okvqa,
@@ -115,16 +116,16 @@ def test_queries_split_over_ranks_without_double_counting(toy):
     task = get_task("synth_vqa", num_beams=1, max_new_tokens=3)
     data = task.load(world)
     config = EvalConfig(shots=[1], trials=1)
-    single = Evaluator(task, data, fsm, config, Distributed()).run()[0].trials[0]
-    rank1 = Evaluator(task, data, fsm, config, Distributed(1, 2))
+    single = Evaluator(task, data, fsm, config, DistInfo()).run()[0].trials[0]
+    rank1 = Evaluator(task, data, fsm, config, DistInfo(rank=1, world_size=2))
     rank1_records = rank1.run_trial(rank1.queries[1::2], 1, seed=0)
 
-    class RankZeroOfTwo(Distributed):
+    class RankZeroOfTwo(DistInfo):
         def gather(self, records):
             assert not {r["uid"] for r in records} & {r["uid"] for r in rank1_records}
             return records + rank1_records
 
-    merged = Evaluator(task, data, fsm, config, RankZeroOfTwo(0, 2)).run()[0].trials[0]
+    merged = Evaluator(task, data, fsm, config, RankZeroOfTwo(rank=0, world_size=2)).run()[0].trials[0]
     assert [r["uid"] for r in merged["predictions"]] == [r["uid"] for r in single["predictions"]]
     assert merged["predictions"] == single["predictions"]
     assert merged["scores"] == single["scores"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import build_model, open_gates, random_image
+from flamingo_kit.from_scratch import open_gates
+from tests.conftest import build_model, random_image
 
 
 def reference_greedy(model, ids, mask, pixels, max_new, stop):

@@ -9,7 +9,7 @@ import transformers
 
 from data_pipelines import cli as data_cli
 from eval_fewshot import cli as eval_cli
-from tests.test_train_utils import stage_overrides, world  # noqa: F401
+from tests.train_world import stage_overrides
 from train.config import load_config
 from train.distributed import DistInfo
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from flamingo_kit import loss as loss_module
-from flamingo_kit.loss import IGNORE_INDEX, LossTargets, causal_lm_loss
+from flamingo_kit.batching import IGNORE_INDEX
+from flamingo_kit.loss import LossTargets, causal_lm_loss
 from tests.conftest import build_model, randomize_all
 
 

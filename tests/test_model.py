@@ -8,10 +8,16 @@ from safetensors.torch import load_file, save_file
 
 from flamingo_kit import FlamingoModel
 from flamingo_kit.cross_attention import MediaLayout, cross_attend
-from flamingo_kit.from_scratch import LM_FAMILIES, build_lm, build_vision
+from flamingo_kit.from_scratch import (
+    LM_FAMILIES,
+    TINY_FLAMINGO,
+    build_lm,
+    build_vision,
+    open_gates,
+)
 from flamingo_kit.lm_integration import find_decoder_layers
 from flamingo_kit.media import media_state
-from tests.conftest import build_model, open_gates, randomize_all
+from tests.conftest import build_model, randomize_all
 
 IMG = 300  # <image> id of the test tokenizer / tiny models
 
@@ -57,9 +63,9 @@ def _lm_of(family: str, seed: int = 0, **config):
     """A tiny LM of a family ``from_scratch.lm_config`` does not cover (eager attention)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    lm_config = AutoConfig.for_model(
-        family, vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=128, **config)
+    shape = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, intermediate_size=128)
+    lm_config = AutoConfig.for_model(family, **{**shape, **config})
     lm_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(lm_config).eval()
@@ -68,7 +74,6 @@ def _lm_of(family: str, seed: int = 0, **config):
 def test_soft_capped_lm_keeps_its_own_logits():
     """Gemma 2 soft-caps its logits in its causal-LM class: ours are capped the same way."""
     from flamingo_kit import FlamingoConfig
-    from tests.conftest import TINY_FLAMINGO
 
     cap = 0.05  # far below the logits' scale, so a missing cap shows
     model = FlamingoModel.from_parts(_lm_of("gemma2", final_logit_softcapping=cap),
@@ -82,12 +87,61 @@ def test_soft_capped_lm_keeps_its_own_logits():
     assert ours[..., 300:].abs().max() <= cap  # the media tokens' logits are capped too
 
 
-def test_lm_that_rescales_its_logits_is_refused():
-    """Cohere multiplies its logits by ``logit_scale``: refused, naming it, not silently changed."""
+# Causal-LM classes that rescale around their head, with a scale far from 1 so a missing or
+# misplaced rescale shows (MiniCPM3 divides the hidden states by hidden_size / dim_model_base).
+RESCALING_LMS = [
+    ("cohere", {"logit_scale": 0.25}),
+    ("cohere2", {"logit_scale": 0.25}),
+    ("granite", {"logits_scaling": 8.0}),
+    ("granitemoe", {"logits_scaling": 8.0}),
+    ("granitemoeshared", {"logits_scaling": 8.0}),
+    ("hyperclovax", {"logits_scaling": 0.25}),
+    ("minicpm3", {"dim_model_base": 8, "num_key_value_heads": 4}),
+    ("falcon_h1", {"lm_head_multiplier": 0.25}),
+]
+
+
+@pytest.mark.parametrize("family, scaling", RESCALING_LMS, ids=[f for f, _ in RESCALING_LMS])
+def test_lm_that_rescales_its_logits_keeps_its_own_logits(family, scaling):
+    """A fresh model whose LM's causal-LM class rescales around its head gives exactly that LM's
+    logits, and the media tokens' logits are rescaled alike: they equal those of the same LM
+    whose head holds the media tokens' (randomised) rows."""
     from flamingo_kit import FlamingoConfig
 
-    with pytest.raises(ValueError, match=r"CohereForCausalLM rescales its logits \(logit_scale="):
-        FlamingoModel.from_parts(_lm_of("cohere"), build_vision(), FlamingoConfig())
+    model = FlamingoModel.from_parts(_lm_of(family, **scaling), build_vision(),
+                                     FlamingoConfig(**TINY_FLAMINGO)).eval()
+    rows = model.media_tokens.head
+    with torch.no_grad():
+        rows.weight.copy_(torch.randn_like(rows.weight))
+        rows.bias.copy_(torch.randn_like(rows.bias))
+    bare = _lm_of(family, **scaling)
+    text = torch.randint(3, 290, (2, 12))
+    with torch.no_grad():
+        ours = model(input_ids=text).logits
+        ref = bare(input_ids=text).logits
+        head = bare.get_output_embeddings()
+        extended = torch.nn.Linear(head.in_features, 302)
+        extended.weight.copy_(torch.cat([head.weight, rows.weight]))
+        extended.bias.copy_(torch.cat([torch.zeros(300), rows.bias]))
+        bare.set_output_embeddings(extended)
+        ref_media = bare(input_ids=text).logits[..., 300:]
+    unscaled = {k: v for k, v in scaling.items() if k == "num_key_value_heads"}
+    assert not torch.equal(ref, _lm_of(family, **unscaled)(input_ids=text).logits)  # it matters
+    assert torch.equal(ours[..., :300], ref)
+    assert (ours[..., 300:] - ref_media).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family, setting", [
+    ("recurrent_gemma", "logits_soft_cap"),  # its body returns no KV cache to decode with
+    ("falcon_h1", "embedding_multiplier"),  # applied only to token ids, not to embeddings
+])
+def test_lm_with_an_unverified_rescaling_is_refused(family, setting):
+    """A rescaling flamingo-kit does not reproduce (and test) is refused, naming the setting."""
+    from flamingo_kit import FlamingoConfig
+
+    lm = _lm_of(family, **{setting: 2.0})
+    with pytest.raises(ValueError, match=rf"{type(lm).__name__} .*\({setting}=2.0"):
+        FlamingoModel.from_parts(lm, build_vision(), FlamingoConfig())
 
 
 @pytest.mark.parametrize("policy", ["immediate", "all_previous"])
@@ -261,7 +315,6 @@ def test_save_load_with_lora_and_local_parts(tmp_path):
     lm.save_pretrained(tmp_path / "lm_src")
     build_vision("siglip").save_pretrained(tmp_path / "vision_src")
     from flamingo_kit import FlamingoConfig
-    from tests.conftest import TINY_FLAMINGO
 
     config = FlamingoConfig(**TINY_FLAMINGO, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
     model = FlamingoModel.from_parts(tmp_path / "lm_src", tmp_path / "vision_src", config)
@@ -336,7 +389,6 @@ def test_bad_inputs_fail_clearly():
 @pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])
 def test_cross_attention_interval(every_n, wrapped):
     from flamingo_kit import FlamingoConfig, FlamingoModel
-    from tests.conftest import TINY_FLAMINGO
 
     lm = build_lm("llama", vocab_size=300, num_layers=4)
     config = FlamingoConfig(**{**TINY_FLAMINGO, "cross_attn_every_n_layers": every_n})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flamingo_kit.batching import IGNORE_INDEX
 from flamingo_kit.from_scratch import LM_FAMILIES, build_lm
 from flamingo_kit.lm_integration import packing_problem
-from flamingo_kit.loss import IGNORE_INDEX
 from tests.conftest import build_model, randomize_all
 
 IMG, EOC, PAD = 300, 301, 0

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoPipeline, FlamingoProcessor
-from flamingo_kit.from_scratch import build_lm, build_vision
-from tests.conftest import TINY_FLAMINGO, build_model, open_gates, random_image
+from flamingo_kit.from_scratch import TINY_FLAMINGO, build_lm, build_vision, open_gates
+from tests.conftest import build_model, random_image
 
 
 @pytest.fixture

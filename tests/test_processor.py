@@ -188,3 +188,23 @@ def test_loaded_processor_limits_prompts_to_the_model_context(processor, tokeniz
     assert long["input_ids"].shape[1] > 16
     assert torch.equal(loaded([demo_prompt(3)])["input_ids"], long["input_ids"])
     assert FlamingoProcessor.from_pretrained(tmp_path, max_length=16).max_length == 16
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_evaluator_batches_prompts_as_the_processor_does(processor, tmp_path, side):
+    """The evaluator (images read from files) and the processor lay out the same prompts in the
+    same batch: ids, mask, padding side and image slots."""
+    from eval_fewshot.inference import FewShotModel
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        random_image(i).save(paths[-1])
+    texts = ["<image>one<image>two words", "three", "<image>four"]
+    images = [paths[:2], [], paths[2:]]
+    expected = processor(texts, images=[[Image.open(p) for p in row] for row in images],
+                         padding_side=side)
+    got = FewShotModel(build_model(processor=processor), processor)._batch(texts, images, side=side)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
-from flamingo_kit.from_scratch import build_lm, build_vision
+from flamingo_kit.from_scratch import TINY_FLAMINGO, build_lm, build_vision, open_gates
 from flamingo_kit.part_records import PartMismatchError
-from tests.conftest import TINY_FLAMINGO, open_gates, random_image, randomize_all
+from tests.conftest import random_image, randomize_all
 
 
 def save_parts(root, lm_seed: int = 0, family: str = "llama"):

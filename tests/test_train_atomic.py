@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.test_train_utils import REPO, stage_overrides, world  # noqa: F401
+from tests.train_world import REPO, stage_overrides
 from train.atomic import atomic_directory, atomic_write_text
 from train.config import load_config
 from train.distributed import DistInfo

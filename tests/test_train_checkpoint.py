@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tests.test_train_utils import common_overrides, single_process, stage_overrides, world  # noqa: F401
+from tests.train_world import common_overrides, stage_overrides
 from train.checkpoint import latest_checkpoint, list_checkpoints
 from train.config import load_config
 from train.metrics import read_metrics

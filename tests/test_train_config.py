@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.test_train_utils import REPO, run_cli
+from tests.train_world import REPO, run_cli
 from train.config import ConfigError, TrainConfig, load_config, save_config
 from train.engine import deepspeed_config, warmup_cosine
 

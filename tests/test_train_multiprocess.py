@@ -7,7 +7,7 @@ import os
 import sys
 
 from flamingo_kit import FlamingoModel
-from tests.test_train_utils import common_overrides, run_cli, stage_overrides, world  # noqa: F401
+from tests.train_world import common_overrides, run_cli, stage_overrides
 from train.checkpoint import latest_checkpoint, read_rank_state
 from train.distributed import free_port
 from train.metrics import read_metrics

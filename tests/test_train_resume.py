@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.test_train_utils import common_overrides, run_cli, stage_overrides, world  # noqa: F401
+from tests.train_world import common_overrides, run_cli, stage_overrides
 from train.checkpoint import latest_checkpoint
 from train.metrics import read_metrics
 

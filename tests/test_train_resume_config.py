@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.test_train_utils import common_overrides, single_process, stage_overrides, world  # noqa: F401
+from tests.train_world import common_overrides, stage_overrides
 from train.config import ConfigError, load_config, resume_conflicts
 from train.metrics import read_metrics
 from train.recipe import run

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from tests.test_train_utils import common_overrides, single_process, stage_overrides, world  # noqa: F401
+from tests.train_world import common_overrides, stage_overrides
 from train import checkpoint
 from train.config import load_config
 from train.recipe import run, setup

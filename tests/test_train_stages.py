@@ -12,13 +12,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from flamingo_kit import FlamingoModel, FlamingoProcessor
-from tests.test_train_utils import (  # noqa: F401
-    REPO,
-    common_overrides,
-    single_process,
-    stage_overrides,
-    world,
-)
+from tests.train_world import REPO, common_overrides, stage_overrides
 from train.config import load_config
 from train.metrics import read_metrics
 from train.recipe import NonFiniteLossError, run, setup, train

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.test_train_utils import common_overrides, single_process, stage_overrides, world  # noqa: F401
+from tests.train_world import common_overrides, stage_overrides
 from train.config import load_config
 from train.metrics import MetricsLogger, read_metrics
 from train.recipe import run

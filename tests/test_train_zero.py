@@ -11,7 +11,7 @@ import torch
 
 from flamingo_kit import FlamingoModel
 from flamingo_kit import loss as loss_module
-from tests.test_train_utils import common_overrides, single_process, stage_overrides, world  # noqa: F401
+from tests.train_world import common_overrides, stage_overrides
 from train.config import load_config
 from train.metrics import read_metrics
 from train.recipe import export, setup, train

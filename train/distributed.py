@@ -9,24 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in the job."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes logs, exports and renames checkpoints."""
-        return self.rank == 0
+from flamingo_kit.distributed import DistInfo
 
 
 def free_port() -> int:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
+from flamingo_kit.from_scratch import seed_everything
 from train import checkpoint
 from train.atomic import atomic_directory
 from train.config import CONFIG_FILE, TrainConfig, check_resume, save_config
@@ -54,13 +53,6 @@ class Session:
     step: int = 0
     nonfinite: int = 0
     data_iter: Any = field(default=None, repr=False)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def setup(cfg: TrainConfig) -> Session:

@@ -7,6 +7,8 @@
 
 Splits are ``train`` (demonstrations) and ``test`` (queries). All images come from the world's
 :class:`~data_pipelines.synthetic.scenes.UniqueImages`, so no image repeats anywhere.
+:func:`write_eval_sets` writes all four; the world (:func:`~data_pipelines.synthetic.synthesize`)
+and the evaluation toy (:mod:`eval_fewshot.toy`) both call it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Mapping
 
 from tqdm import tqdm
 
@@ -25,6 +28,15 @@ SPLITS = ("train", "test")
 VQA_ANSWERS = 10
 BINDING_SUPPORT_PER_CLASS = 8
 BINDING_QUERIES_PER_CLASS = 4
+
+
+def _split_sizes(n_per_split: int | Mapping[str, int]) -> dict[str, int]:
+    """Images per split: one count for every split, or a count per split name."""
+    if isinstance(n_per_split, int):
+        return dict.fromkeys(SPLITS, n_per_split)
+    if set(n_per_split) != set(SPLITS):
+        raise ValueError(f"n_per_split must give a count for each of {SPLITS}, got {n_per_split}")
+    return {split: n_per_split[split] for split in SPLITS}
 
 
 def _write_json(path: str, obj) -> None:
@@ -40,11 +52,12 @@ def _save(image, root: str, relative: str) -> str:
     return relative
 
 
-def write_captioning(root: str, rng: random.Random, images: UniqueImages, n_per_split: int):
+def write_captioning(root: str, rng: random.Random, images: UniqueImages,
+                     n_per_split: int | Mapping[str, int]):
     """Karpathy-format captioning set; returns the number of images written."""
     entries = []
-    for split in SPLITS:
-        for _ in tqdm(range(n_per_split), desc=f"eval captioning {split}", leave=False, disable=None):
+    for split, n in _split_sizes(n_per_split).items():
+        for _ in tqdm(range(n), desc=f"eval captioning {split}", leave=False, disable=None):
             objects, image = images.draw(rng)
             index = len(entries)
             filename = f"{index:06d}.png"
@@ -60,13 +73,13 @@ def write_captioning(root: str, rng: random.Random, images: UniqueImages, n_per_
     return len(entries)
 
 
-def write_vqa(root: str, rng: random.Random, images: UniqueImages, n_per_split: int,
-              questions_per_image: int = 2):
+def write_vqa(root: str, rng: random.Random, images: UniqueImages,
+              n_per_split: int | Mapping[str, int], questions_per_image: int = 2):
     """VQAv2-format question and annotation files per split; returns the number of images."""
     image_id = 0
-    for split in SPLITS:
+    for split, n in _split_sizes(n_per_split).items():
         qs, anns = [], []
-        for _ in tqdm(range(n_per_split), desc=f"eval vqa {split}", leave=False, disable=None):
+        for _ in tqdm(range(n), desc=f"eval vqa {split}", leave=False, disable=None):
             objects, image = images.draw(rng)
             image_id += 1
             _save(image, root, os.path.join("images", f"{image_id:012d}.png"))
@@ -88,13 +101,14 @@ def write_vqa(root: str, rng: random.Random, images: UniqueImages, n_per_split: 
     return image_id
 
 
-def write_classification(root: str, rng: random.Random, images: UniqueImages, n_per_split: int):
+def write_classification(root: str, rng: random.Random, images: UniqueImages,
+                         n_per_split: int | Mapping[str, int]):
     """One object per image, class = its shape; returns the number of images."""
     _write_json(os.path.join(root, "classes.json"), {"classes": list(SHAPES)})
     count = 0
-    for split in SPLITS:
+    for split, n in _split_sizes(n_per_split).items():
         samples = []
-        for i in tqdm(range(n_per_split), desc=f"eval classification {split}", leave=False, disable=None):
+        for i in tqdm(range(n), desc=f"eval classification {split}", leave=False, disable=None):
             label = i % len(SHAPES)  # balanced classes
             _, image = images.draw(rng, n_objects=1, shape=SHAPES[label])
             samples.append({"filename": _save(image, root, f"images/{split}-{i:06d}.png"),
@@ -137,3 +151,24 @@ def write_label_binding(root: str, rng: random.Random, images: UniqueImages, n_e
         })
     _write_json(os.path.join(root, "episodes.json"), {"episodes": episodes})
     return sum(len(e["support"]) + len(e["queries"]) for e in episodes)
+
+
+def write_eval_sets(root: str, images: UniqueImages, seed: int | str,
+                    n_per_split: int | Mapping[str, int], n_episodes: int) -> dict[str, int]:
+    """Write all four sets under ``root/{captioning,vqa,classification,label_binding}``.
+
+    Each set draws from its own RNG seeded by ``seed`` and the set's name, so one set's size does
+    not change another's images. Returns the number of images written per set.
+    """
+    def rng(part: str) -> random.Random:
+        return random.Random(f"{seed}/eval/{part}")
+
+    return {
+        "captioning": write_captioning(os.path.join(root, "captioning"), rng("cap"), images,
+                                       n_per_split),
+        "vqa": write_vqa(os.path.join(root, "vqa"), rng("vqa"), images, n_per_split),
+        "classification": write_classification(os.path.join(root, "classification"),
+                                               rng("cls"), images, n_per_split),
+        "label_binding": write_label_binding(os.path.join(root, "label_binding"), rng("bind"),
+                                             images, n_episodes),
+    }

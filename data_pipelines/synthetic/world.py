@@ -17,12 +17,7 @@ from tqdm import tqdm
 
 from data_pipelines.shards import interleaved_sample, json_bytes, png_bytes, write_shards
 from data_pipelines.synthetic.documents import corpus_line, interleaved_document
-from data_pipelines.synthetic.evalsets import (
-    write_captioning,
-    write_classification,
-    write_label_binding,
-    write_vqa,
-)
+from data_pipelines.synthetic.evalsets import write_eval_sets
 from data_pipelines.synthetic.language import caption
 from data_pipelines.synthetic.scenes import UniqueImages
 
@@ -87,16 +82,8 @@ def synthesize(out: str, config: WorldConfig | None = None) -> dict:
     kinds: dict[str, int] = {}
     doc_shards = write_shards(_documents(rng("docs"), images, config.n_docs, kinds),
                               os.path.join(out, "interleaved"), "docs", config.shard_size)
-    eval_root = os.path.join(out, "eval")
-    eval_images = {
-        "captioning": write_captioning(os.path.join(eval_root, "captioning"), rng("eval/cap"),
-                                       images, config.n_eval),
-        "vqa": write_vqa(os.path.join(eval_root, "vqa"), rng("eval/vqa"), images, config.n_eval),
-        "classification": write_classification(os.path.join(eval_root, "classification"),
-                                               rng("eval/cls"), images, config.n_eval),
-        "label_binding": write_label_binding(os.path.join(eval_root, "label_binding"),
-                                             rng("eval/bind"), images, config.n_episodes),
-    }
+    eval_images = write_eval_sets(os.path.join(out, "eval"), images, config.seed, config.n_eval,
+                                  config.n_episodes)
     summary = {
         "config": asdict(config),
         "pair_shards": [os.path.relpath(p, out) for p in pair_shards],

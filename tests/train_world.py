@@ -1,6 +1,8 @@
 """A tiny synthetic world for the trainer tests: corpus, tokenizer, towers, pair and doc shards.
 
-Everything is a few kilobytes and built in seconds so each stage can run for real on CPU.
+Everything is a few kilobytes and built in seconds so each stage can run for real on CPU; the
+``world`` fixture (``tests/conftest.py``) builds it once per session. Also the settings that point
+each stage at it, and a runner of ``python -m train`` in a fresh process.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import random
 import subprocess
 import sys
 
-import pytest
 from PIL import Image, ImageDraw
 
 from data_pipelines.shards import interleaved_sample, png_bytes, write_shards
@@ -140,23 +141,3 @@ def run_cli(args: list[str], timeout: float = 300, launcher: list[str] | None = 
     command = (launcher or [sys.executable, "-m", "train"]) + list(args)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> dict[str, str]:
-    """The tiny world, built once per test session."""
-    return build_world(str(tmp_path_factory.mktemp("world")))
-
-
-@pytest.fixture
-def single_process(monkeypatch):
-    """Rendezvous variables of a one-process job on a fresh port, restored afterwards."""
-    from train.distributed import free_port
-
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    yield
