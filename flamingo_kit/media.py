@@ -102,6 +102,7 @@ def media_state(
     pixel_values: torch.Tensor | None,
     earlier_latents: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> MediaState | None:
     """Encode the images of a batch and lay out which token sees which image.
 
@@ -110,7 +111,7 @@ def media_state(
     their media-position embeddings and for the layout, exactly as in the whole prompt.
     ``document_ids`` ``[B, T]`` (see :func:`document_ids_from_positions`) packs several
     documents in a row: each document's images count from 0 and only its own tokens see them.
-    ``None`` when the sequence holds no image.
+    Padding (``attention_mask`` 0) sees no image. ``None`` when the sequence holds no image.
 
     Everything that needs the host (image counts, the layout's chunk sizes) is computed from
     the ids before the vision tower runs, so an accelerator's queue is still empty then.
@@ -140,7 +141,7 @@ def media_state(
     n_media = n_before + (pixel_values.shape[1] if n_max else 0)
     layout = MediaLayout.build(input_ids, model.image_token_id, n_media,
                                model.config.media_policy, images_before=n_before,
-                               document_ids=document_ids)
+                               document_ids=document_ids, attention_mask=attention_mask)
     latents = earlier_latents
     if n_max:
         positions = layout.image_positions(input_ids, model.image_token_id)
@@ -181,7 +182,8 @@ def continue_prefix(
     past.batch_repeat_interleave(b)
     mask = torch.cat([prefix.attention_mask.expand(b, -1), attention_mask], dim=1)
     earlier = None if prefix.latents is None else prefix.latents.expand(b, -1, -1, -1)
-    media = media_state(model, input_ids, pixel_values, earlier_latents=earlier)
+    media = media_state(model, input_ids, pixel_values, earlier_latents=earlier,
+                        attention_mask=attention_mask)
     if earlier is not None:  # the prefix images' K/V are reused, only new ones projected
         media.prefix_kv = {i: tuple(t.expand(b, *t.shape[1:]) for t in kv)
                            for i, kv in prefix.kv_cache.items()}

@@ -260,7 +260,9 @@ class FlamingoModel(GenerationMixin, nn.Module):
         elif media is None:  # encode the images: vision tower -> resampler, plus the layout
             packed = attention_mask is None and position_ids is not None and past_key_values is None
             documents = document_ids_from_positions(position_ids) if packed else None
-            media = media_state(self, input_ids, pixel_values, document_ids=documents)
+            media = media_state(self, input_ids, pixel_values, document_ids=documents,
+                                attention_mask=None if attention_mask is None
+                                else attention_mask[:, -input_ids.shape[1]:])
         if position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left padding does not shift them.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
