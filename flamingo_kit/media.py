@@ -80,10 +80,13 @@ def encode_images(
     """
     b, n = pixel_values.shape[:2]
     valid = torch.arange(n, device=counts.device)[None] < counts[:, None]
-    patches = model.vision(pixel_values[valid.to(pixel_values.device)])
+    # Indices, not a boolean mask: found once here, before the vision tower is queued (a
+    # boolean index_put after the resampler would wait for it on an accelerator).
+    rows, slots = (i.to(pixel_values.device) for i in valid.nonzero(as_tuple=True))
+    patches = model.vision(pixel_values[rows, slots])
     latents = model.perceiver(patches.to(model.perceiver.latents.dtype), positions)
     out = latents.new_zeros(b, n, *latents.shape[1:])
-    return out.index_put((valid,), latents)
+    return out.index_put((rows, slots), latents)
 
 
 def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
@@ -145,6 +148,7 @@ def media_state(
     latents = earlier_latents
     if n_max:
         positions = layout.image_positions(input_ids, model.image_token_id)
+        model.perceiver.check_positions(positions)
         new = encode_images(model, pixel_values, counts, positions)
         latents = new if earlier_latents is None else torch.cat([earlier_latents, new], dim=1)
     return MediaState(latents, layout)

@@ -405,6 +405,16 @@ def test_bad_inputs_fail_clearly():
         model(input_ids=ids)
 
 
+def test_too_many_images_for_the_resampler_fail_before_any_image_is_encoded():
+    model = build_model("llama", perceiver_max_media=2)
+    seen = []
+    model.vision.tower.register_forward_hook(lambda *_: seen.append(1))
+    ids = ids_with_images([1, 4, 7])
+    with pytest.raises(ValueError, match="image position 2 exceeds perceiver_max_media=2"):
+        model(input_ids=ids, pixel_values=torch.randn(2, 3, 1, 3, 32, 32))
+    assert not seen
+
+
 @pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])
 def test_cross_attention_interval(every_n, wrapped):
     from flamingo_kit import FlamingoConfig, FlamingoModel
