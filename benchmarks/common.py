@@ -88,8 +88,8 @@ def xattn_ff_mult(shape: MatchedShape) -> int:
     return max(1, round(1.5 * shape.intermediate_size / shape.hidden_size))
 
 
-def build_ours(shape: MatchedShape, seed: int = 0):
-    """FlamingoModel: a Llama LM and a CLIP vision tower of ``shape``, all new parts trainable."""
+def ours_lm(shape: MatchedShape, seed: int = 0):
+    """Our frozen LM of ``shape``: a Llama decoder without grouped-query attention (as IDEFICS')."""
     from transformers import AutoModelForCausalLM
 
     lm_cfg = from_scratch.lm_config(
@@ -99,19 +99,30 @@ def build_ours(shape: MatchedShape, seed: int = 0):
     )
     lm_cfg.num_key_value_heads = shape.num_heads  # IDEFICS' LM has no grouped-query attention
     seed_everything(seed)
-    lm = AutoModelForCausalLM.from_config(lm_cfg).eval()
-    vision = from_scratch.build_vision(
+    return AutoModelForCausalLM.from_config(lm_cfg).eval()
+
+
+def ours_vision(shape: MatchedShape, seed: int = 0):
+    """Our frozen CLIP vision tower of ``shape``."""
+    return from_scratch.build_vision(
         "clip", seed=seed, image_size=shape.image_size, patch_size=shape.patch_size,
         hidden_size=shape.vision_hidden_size, num_layers=shape.vision_layers,
         num_heads=shape.vision_heads,
     )
+
+
+def ours_flamingo_config(shape: MatchedShape) -> dict[str, int]:
+    """The ``FlamingoConfig`` fields that match IDEFICS' resampler and cross-attention."""
+    return dict(**{name: getattr(shape, name) for name in FLAMINGO_SIZES},
+                xattn_heads=shape.num_heads, xattn_dim_head=shape.hidden_size // shape.num_heads,
+                xattn_ff_mult=xattn_ff_mult(shape))
+
+
+def build_ours(shape: MatchedShape, seed: int = 0):
+    """FlamingoModel: a Llama LM and a CLIP vision tower of ``shape``, all new parts trainable."""
     return from_scratch.build_flamingo(
-        lm, vision, seed, **{name: getattr(shape, name) for name in FLAMINGO_SIZES},
-        xattn_heads=shape.num_heads,
-        xattn_dim_head=shape.hidden_size // shape.num_heads,
-        xattn_ff_mult=xattn_ff_mult(shape),
-        image_token_id=shape.image_token_id,
-        eoc_token_id=shape.eoc_token_id,
+        ours_lm(shape, seed), ours_vision(shape, seed), seed, **ours_flamingo_config(shape),
+        image_token_id=shape.image_token_id, eoc_token_id=shape.eoc_token_id,
     )
 
 

@@ -6,6 +6,15 @@ samples until one decodes, and every ``batch_size`` good samples become one batc
 position is small plain data (RNG state, per-source epoch and offset, skip counts), attached to
 every batch it yields.
 
+With ``pack=True`` a batch is ``batch_size`` rows of ``max_length`` tokens, each holding as
+many whole documents as fit (``data_pipelines.packing``): documents are placed first-fit in the
+order they come, the batch closes at the first one that fits in no row, and that document opens
+the next batch. The state yielded with a packed batch is the position just before that
+document was drawn, so a resumed stream draws it again, and nothing is lost or repeated.
+
+Documents longer than ``max_length`` are cut (``SequenceBuilder``) and counted per source
+(:meth:`Loader.truncated`), packed or not.
+
 Resume guarantee: :meth:`Loader.state_dict` describes exactly the batches the caller has
 received. After :meth:`Loader.load_state_dict` on a loader built with the same sources, seed,
 batch size, rank, world size and number of workers, iteration yields exactly the batches an
@@ -27,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.utils import pytorch_worker_info
 
 from data_pipelines.documents import DECODERS, SkipSample
+from data_pipelines.packing import RowPacker
 from data_pipelines.sequence import SequenceBuilder, collate
 from data_pipelines.shard_access import expand_shards, warn_missing
 from data_pipelines.streams import SourceStream
@@ -101,15 +111,22 @@ class MixtureStream:
         stream: tuple[int, int, int, int],
         shuffle_buffer: int,
         resampled: bool,
+        pack: bool = False,
     ):
         self.sources = list(sources)
         self.builder = builder
         self.image_processor = image_processor
         self.batch_size = batch_size
+        self.pack = pack
         self.pad_token_id = builder.tokenizer.pad_token_id
+        self.truncated = [0] * len(self.sources)  # documents cut to max_length, per source
         rank, _, worker, num_workers = stream
         self.worker, self.num_workers = worker, num_workers
         self.batches_done = 0  # batches this stream has yielded; the schedules read it
+        # Packed: the saved position is just before the document that opens the next batch,
+        # which was drawn while the previous batch filled; a resumed stream draws it at that
+        # batch index, then moves on (see _packed_batches).
+        self.opening_pending = False
         self.streams = [
             SourceStream(s.name, s.shard_paths, seed, stream, shuffle_buffer, resampled,
                          s.allow_pipe, s.allow_remote)
@@ -123,12 +140,16 @@ class MixtureStream:
             "rng": [version, list(internal), gauss],
             "sources": [s.state_dict() for s in self.streams],
             "batches": self.batches_done,
+            "opening_pending": self.opening_pending,
+            "truncated": list(self.truncated),
         }
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.batches_done = int(state.get("batches", 0))
+        self.opening_pending = bool(state.get("opening_pending", False))
+        self.truncated = list(state.get("truncated", [0] * len(self.sources)))
         if len(state["sources"]) != len(self.streams):
             raise ValueError(
                 f"saved state has {len(state['sources'])} sources, loader has {len(self.streams)}"
@@ -142,6 +163,7 @@ class MixtureStream:
         doc = self.builder(items)
         if doc.n_supervised == 0:
             raise SkipSample("no_supervised_tokens", raw.get("__key__", "?"))
+        self.truncated[index] += doc.truncated
         try:
             pixels = self.image_processor(images=doc.images, return_tensors="pt")["pixel_values"]
         except Exception as exn:  # a transform failing on one odd image must not stop training
@@ -177,6 +199,9 @@ class MixtureStream:
 
     def batches(self) -> Iterator[tuple[dict, dict]]:
         """Yield ``(batch, state after this batch)``; the last batch of a finite run may be short."""
+        if self.pack:
+            yield from self._packed_batches()
+            return
         while True:
             samples = [s for s in (self._next_sample() for _ in range(self.batch_size)) if s]
             if not samples:
@@ -189,6 +214,34 @@ class MixtureStream:
             if len(samples) < self.batch_size:
                 return
 
+    def _packed_batches(self) -> Iterator[tuple[dict, dict]]:
+        """Packed batches (module docstring); each state is the position before the document
+        that opens the next batch, or after the last document when there is none."""
+        waiting = None  # (sample, state before it was drawn): the document opening the batch
+        while True:
+            packer = RowPacker(self.batch_size, self.builder.max_length)
+            while True:
+                if waiting is None:
+                    before, sample = self.state_dict(), self._next_sample()
+                    if self.opening_pending:  # resumed: that was the opening document
+                        self.opening_pending = False
+                        self.batches_done += 1
+                    if sample is None:  # a finite stream is done
+                        break
+                else:
+                    (sample, before), waiting = waiting, None
+                if not packer.add(sample):
+                    waiting = (sample, {**before, "opening_pending": True})
+                    break
+            if packer.empty:
+                return
+            batch = packer.batch(self.pad_token_id)
+            batch_done = waiting[1] if waiting is not None else self.state_dict()
+            self.batches_done += 1
+            yield batch, batch_done
+            if waiting is None:
+                return
+
 
 class MixtureDataset(IterableDataset):
     """The iterable a torch ``DataLoader`` (``batch_size=None``) runs in each worker.
@@ -199,12 +252,12 @@ class MixtureDataset(IterableDataset):
     """
 
     def __init__(self, sources, builder, image_processor, batch_size, seed, rank, world_size,
-                 shuffle_buffer, resampled):
+                 shuffle_buffer, resampled, pack=False):
         super().__init__()
         self.sources, self.builder, self.image_processor = sources, builder, image_processor
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.shuffle_buffer, self.resampled, self.pack = shuffle_buffer, resampled, pack
         self.worker_offset = 0
         self.worker_states: dict[int, dict] = {}
 
@@ -221,7 +274,7 @@ class MixtureDataset(IterableDataset):
         stream = self.stream_position()
         mixture = MixtureStream(self.sources, self.builder, self.image_processor,
                                 self.batch_size, self.seed, stream, self.shuffle_buffer,
-                                self.resampled)
+                                self.resampled, self.pack)
         if stream[2] in self.worker_states:
             mixture.load_state_dict(self.worker_states[stream[2]])
         for batch, state in mixture.batches():
@@ -263,6 +316,14 @@ class Loader:
                 total.update(source["counts"])
         return dict(total)
 
+    def truncated(self) -> dict[str, int]:
+        """Documents cut to ``max_length`` so far, by source name (only those with any)."""
+        total: Counter = Counter()
+        for state in self._states.values():
+            for source, n in zip(self.dataset.sources, state.get("truncated", [])):
+                total[source.name] += n
+        return {name: n for name, n in total.items() if n}
+
     def state_dict(self) -> dict:
         """Position after the last batch handed out; plain Python data (torch.save/json safe)."""
         return {
@@ -272,6 +333,7 @@ class Loader:
             "world_size": self.dataset.world_size,
             "num_workers": self.num_workers,
             "batch_size": self.dataset.batch_size,
+            "pack": self.dataset.pack,
             "sources": [s.name for s in self.dataset.sources],
             "next_worker": self._next_worker,
             "workers": {str(k): v for k, v in self._states.items()},
@@ -282,8 +344,8 @@ class Loader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown loader state version {state.get('version')!r}")
         current = self.state_dict()
-        for key in ("seed", "rank", "world_size", "num_workers", "batch_size", "sources"):
-            if state[key] != current[key]:
+        for key in ("seed", "rank", "world_size", "num_workers", "batch_size", "pack", "sources"):
+            if state.get(key, False if key == "pack" else None) != current[key]:
                 raise ValueError(
                     f"loader state was saved with {key}={state[key]!r} but this loader has "
                     f"{key}={current[key]!r}; build the loader with the same {key} to resume"
@@ -305,11 +367,13 @@ def build_loader(
     num_workers: int = 0,
     shuffle_buffer: int = 256,
     resampled: bool = True,
+    pack: bool = False,
 ) -> Loader:
     """A :class:`Loader` over ``sources`` mixed by weight (any non-empty subset works).
 
     ``rank``/``world_size`` ``None`` read ``RANK``/``WORLD_SIZE`` (or torch.distributed).
-    ``resampled=False`` makes one pass over every source (an epoch) and stops.
+    ``resampled=False`` makes one pass over every source (an epoch) and stops. ``pack=True``
+    packs documents into ``batch_size`` rows of ``max_length`` tokens (module docstring).
     """
     if not sources:
         raise ValueError("pass at least one SourceConfig")
@@ -320,5 +384,5 @@ def build_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     builder = SequenceBuilder(tokenizer, max_length=max_length, max_images=max_images)
     dataset = MixtureDataset(list(sources), builder, image_processor, batch_size, seed, rank,
-                             world_size, shuffle_buffer, resampled)
+                             world_size, shuffle_buffer, resampled, pack)
     return Loader(dataset, num_workers=num_workers, seed=seed)

@@ -33,6 +33,7 @@ class TokenizedDocument:
     input_ids: torch.Tensor  # [T] long
     labels: torch.Tensor  # [T] long, IGNORE_INDEX where not supervised
     images: list[Any]
+    truncated: bool = False  # the document was longer than max_length and was cut
 
     @property
     def n_supervised(self) -> int:
@@ -91,9 +92,9 @@ def supervision_mask(
 class SequenceBuilder:
     """Tokenise documents into :class:`TokenizedDocument` with the layout of this module.
 
-    ``max_length`` cuts the token sequence; every ``<image>`` left without text at the cut is
-    dropped (adjacent images share one chunk), and the image list always matches the
-    ``<image>`` tokens that remain, in order.
+    ``max_length`` cuts the token sequence (the document says so: ``truncated``); every
+    ``<image>`` left without text at the cut is dropped (adjacent images share one chunk), and
+    the image list always matches the ``<image>`` tokens that remain, in order.
     """
 
     def __init__(self, tokenizer, max_length: int, max_images: int | None = None):
@@ -113,6 +114,7 @@ class SequenceBuilder:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if self.eos_token_id is not None and (not ids or ids[-1] != self.eos_token_id):
             ids = ids + [self.eos_token_id]
+        truncated = len(ids) > self.max_length
         ids = ids[: self.max_length]
         while ids and ids[-1] == self.image_token_id:
             ids = ids[:-1]  # images whose text was cut away (one chunk may hold several)
@@ -121,7 +123,7 @@ class SequenceBuilder:
         labels = torch.where(
             supervision_mask(ids, self.image_token_id, self.eoc_token_id), ids, IGNORE_INDEX
         )
-        return TokenizedDocument(ids, labels, list(images[:n_images]))
+        return TokenizedDocument(ids, labels, list(images[:n_images]), truncated)
 
 
 def collate(

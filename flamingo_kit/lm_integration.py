@@ -10,7 +10,8 @@ of one forward call (the only one in flamingo-kit). Nothing about a call stays o
 after it returns.
 
 Reading order: ``media_scope``, ``FlamingoLayer``, ``find_decoder_layers``,
-``insert_cross_attention``; ``lm_body`` is the LM without its head.
+``insert_cross_attention``; ``lm_body`` is the LM without its head; ``packing_problem`` tells
+whether the LM keeps the documents of a packed row apart.
 """
 
 from __future__ import annotations
@@ -94,6 +95,43 @@ def lm_body(lm: nn.Module) -> nn.Module:
         raise ValueError(f"{type(lm).__name__} has no body module apart from its head "
                          f"(base_model_prefix {lm.base_model_prefix!r} names no submodule)")
     return body
+
+
+@torch.no_grad()
+def packing_problem(lm: nn.Module) -> str | None:
+    """Why ``lm`` cannot run packed rows exactly, or ``None`` when it can. Measured, not looked up.
+
+    Packed rows follow transformers' convention: no attention mask, ``position_ids`` restarting
+    at 0 at every document (``masking_utils`` then masks attention across documents). Some
+    families build their mask without the position ids (OPT, MPT in transformers 5.x) or need
+    another attention implementation; this runs two tiny packed rows through the LM's body and
+    checks that (1) a document's hidden states do not change when the document before it does
+    (no attention across the boundary; exact) and (2) they equal the document run alone
+    (positions restart; to the precision of the LM's dtype).
+    """
+    body = lm_body(lm)
+    weight = lm.get_input_embeddings().weight
+    vocab, device = lm.get_input_embeddings().num_embeddings, weight.device
+    generator = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, vocab, (n,), generator=generator) for n in (5, 5, 7)]
+
+    def hidden(parts: list[torch.Tensor]) -> torch.Tensor:
+        ids = torch.cat(parts)[None].to(device)
+        positions = torch.cat([torch.arange(len(p)) for p in parts])[None].to(device)
+        out = body(input_ids=ids, position_ids=positions, use_cache=False)
+        return out.last_hidden_state[0, -len(parts[-1]):].float()
+
+    alone, after_one, after_other = hidden(docs[2:]), hidden(docs[::2]), hidden(docs[1:])
+    scale = alone.abs().max().clamp(min=1e-6)
+    name = type(lm).__name__
+    if float((after_one - after_other).abs().max() / scale) > 1e-4:
+        return (f"{name} lets a token attend to the previous document of a packed row (its "
+                "attention mask ignores the position ids that separate documents)")
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 5e-2
+    if float((after_one - alone).abs().max() / scale) > tolerance:
+        return (f"{name} computes a packed document differently from the same document alone "
+                "(its positions do not restart with position_ids)")
+    return None
 
 
 def num_decoder_layers(lm: nn.Module) -> int:

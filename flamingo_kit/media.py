@@ -7,8 +7,8 @@
 :class:`PrefixState` from ``prefill``): the prefix's images keep their latents and keys/values,
 the new images come after them. ``FlamingoModel.forward`` and generation both call these.
 
-Reading order: ``MediaState``, ``encode_images``, ``media_state``, ``PrefixState``,
-``continue_prefix``.
+Reading order: ``MediaState``, ``encode_images``, ``document_ids_from_positions``,
+``media_state``, ``PrefixState``, ``continue_prefix``.
 """
 
 from __future__ import annotations
@@ -70,21 +70,33 @@ class MediaState:
 
 def encode_images(
     model: FlamingoModel, pixel_values: torch.Tensor, counts: torch.Tensor,
-    first_position: int = 0,
+    positions: torch.Tensor,
 ) -> torch.Tensor:
     """Latents ``[B, N, L, D]`` of the first ``counts[b]`` images of each row (others 0).
 
-    Image n of a row is the sequence's image ``first_position + n`` (its media-position
-    embedding): ``first_position`` counts the images of a cached prefix before it. Padding
-    images are never encoded.
+    ``positions`` holds the media position (media-position embedding) of each encoded image,
+    row by row: its index among its sequence's images, counting a cached prefix's, or among its
+    document's images in a packed row. Padding images are never encoded.
     """
     b, n = pixel_values.shape[:2]
     valid = torch.arange(n, device=counts.device)[None] < counts[:, None]
-    positions = (torch.arange(n, device=counts.device) + first_position).expand(b, n)[valid]
-    patches = model.vision(pixel_values[valid.to(pixel_values.device)])
+    # Indices, not a boolean mask: found once here, before the vision tower is queued (a
+    # boolean index_put after the resampler would wait for it on an accelerator).
+    rows, slots = (i.to(pixel_values.device) for i in valid.nonzero(as_tuple=True))
+    patches = model.vision(pixel_values[rows, slots])
     latents = model.perceiver(patches.to(model.perceiver.latents.dtype), positions)
     out = latents.new_zeros(b, n, *latents.shape[1:])
-    return out.index_put((valid,), latents)
+    return out.index_put((rows, slots), latents)
+
+
+def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` index of each token's document in a packed row, from its position ids.
+
+    Transformers' rule (``masking_utils.find_packed_sequence_indices``): a token whose position
+    is not its predecessor's plus one starts a new document. Rows of one document give zeros.
+    """
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
 
 def media_state(
@@ -92,20 +104,28 @@ def media_state(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None,
     earlier_latents: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> MediaState | None:
     """Encode the images of a batch and lay out which token sees which image.
 
     ``earlier_latents`` ``[B, N0, L, D]`` are the images of a cached prefix that
     ``input_ids`` continue: the new images are the sequence's images N0, N0+1, ... both for
     their media-position embeddings and for the layout, exactly as in the whole prompt.
-    ``None`` when the sequence holds no image.
+    ``document_ids`` ``[B, T]`` (see :func:`document_ids_from_positions`) packs several
+    documents in a row: each document's images count from 0 and only its own tokens see them.
+    Padding (``attention_mask`` 0) sees no image. ``None`` when the sequence holds no image.
+
+    Everything that needs the host (image counts, the layout's chunk sizes) is computed from
+    the ids before the vision tower runs, so an accelerator's queue is still empty then.
     """
     counts = (input_ids == model.image_token_id).sum(1)
     n_max = int(counts.max()) if counts.numel() else 0
     n_before = 0 if earlier_latents is None else earlier_latents.shape[1]
     if n_max == 0 and n_before == 0:
         return None
-    latents = earlier_latents
+    if earlier_latents is not None and document_ids is not None:
+        raise ValueError("a packed input (document_ids) cannot continue a cached prefix")
     if n_max:
         if pixel_values is None:
             raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
@@ -121,10 +141,16 @@ def media_state(
                 f"a row has {n_max} <image> tokens but pixel_values holds only "
                 f"{pixel_values.shape[1]} images per row"
             )
-        new = encode_images(model, pixel_values, counts, first_position=n_before)
+    n_media = n_before + (pixel_values.shape[1] if n_max else 0)
+    layout = MediaLayout.build(input_ids, model.image_token_id, n_media,
+                               model.config.media_policy, images_before=n_before,
+                               document_ids=document_ids, attention_mask=attention_mask)
+    latents = earlier_latents
+    if n_max:
+        positions = layout.image_positions(input_ids, model.image_token_id)
+        model.perceiver.check_positions(positions)
+        new = encode_images(model, pixel_values, counts, positions)
         latents = new if earlier_latents is None else torch.cat([earlier_latents, new], dim=1)
-    layout = MediaLayout.build(input_ids, model.image_token_id, latents.shape[1],
-                               model.config.media_policy, images_before=n_before)
     return MediaState(latents, layout)
 
 
@@ -160,7 +186,8 @@ def continue_prefix(
     past.batch_repeat_interleave(b)
     mask = torch.cat([prefix.attention_mask.expand(b, -1), attention_mask], dim=1)
     earlier = None if prefix.latents is None else prefix.latents.expand(b, -1, -1, -1)
-    media = media_state(model, input_ids, pixel_values, earlier_latents=earlier)
+    media = media_state(model, input_ids, pixel_values, earlier_latents=earlier,
+                        attention_mask=attention_mask)
     if earlier is not None:  # the prefix images' K/V are reused, only new ones projected
         media.prefix_kv = {i: tuple(t.expand(b, *t.shape[1:]) for t in kv)
                            for i, kv in prefix.kv_cache.items()}

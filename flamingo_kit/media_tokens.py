@@ -131,19 +131,37 @@ class MediaTokenEmbedding(nn.Module):
             total = part if total is None else total + part
         self.weight = nn.Parameter((total / n).repeat(2, 1))
 
-    def forward(self, input_ids: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        """``input_ids`` ``[B, T]`` -> ``[B, T, D]``; an id in neither vocabulary raises, naming it."""
-        is_image = input_ids == self.image_token_id
-        is_new = is_image | (input_ids == self.eoc_token_id)
-        base_ids = input_ids.masked_fill(is_new, 0)
-        bad = (base_ids < 0) | (base_ids >= table.num_embeddings)
+    def check_ids(self, input_ids: torch.Tensor, table: nn.Embedding) -> None:
+        """Raise, naming the first one, if an id is in neither vocabulary (one host sync)."""
+        is_new = (input_ids == self.image_token_id) | (input_ids == self.eoc_token_id)
+        bad = ~is_new & ((input_ids < 0) | (input_ids >= table.num_embeddings))
         if bool(bad.any()):
             where = tuple(bad.nonzero()[0].tolist())
             raise ValueError(
                 f"input_ids{list(where)} = {int(input_ids[where])} is not a token id: the LM "
                 f"vocabulary is 0..{table.num_embeddings - 1}, the media tokens "
                 f"{self.image_token_id} and {self.eoc_token_id}")
-        base = table(base_ids)
+
+    def check_vocabulary(self, n_ids: int, table: nn.Embedding) -> None:
+        """Raise unless every id ``0..n_ids - 1`` (a tokenizer's) can be embedded.
+
+        Checked once where a tokenizer meets the model (the trainer's setup), so that training
+        steps need not check their ids (:meth:`check_ids`, a host sync).
+        """
+        media = {self.image_token_id, self.eoc_token_id}
+        outside = [i for i in range(table.num_embeddings, n_ids) if i not in media]
+        if outside:
+            raise ValueError(
+                f"the tokenizer has {n_ids} ids but the LM's embedding table holds "
+                f"{table.num_embeddings} and the media tokens are {sorted(media)}: ids "
+                f"{outside[:5]}{' ...' if len(outside) > 5 else ''} cannot be embedded; use the "
+                "LM's own tokenizer")
+
+    def forward(self, input_ids: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
+        """``input_ids`` ``[B, T]`` -> ``[B, T, D]``; ids must be valid (see :meth:`check_ids`)."""
+        is_image = input_ids == self.image_token_id
+        is_new = is_image | (input_ids == self.eoc_token_id)
+        base = table(input_ids.masked_fill(is_new, 0))
         new = self.weight[(~is_image).long()].to(base.dtype)
         return torch.where(is_new[..., None], new, base)
 

@@ -32,7 +32,14 @@ from flamingo_kit.lm_integration import (
     lm_body,
     media_scope,
 )
-from flamingo_kit.media import MediaState, PrefixState, continue_prefix, media_state
+from flamingo_kit.loss import LossTargets
+from flamingo_kit.media import (
+    MediaState,
+    PrefixState,
+    continue_prefix,
+    document_ids_from_positions,
+    media_state,
+)
 from flamingo_kit.media_tokens import MediaTokens, media_token_ids
 from flamingo_kit.part_records import load_recorded_part, record_part
 from flamingo_kit.perceiver import PerceiverResampler
@@ -55,17 +62,6 @@ class FlamingoOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: Any = None
-
-
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean next-token cross-entropy (fp32) over labels that are not IGNORE_INDEX nor padding."""
-    if attention_mask is not None:
-        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-    )
 
 
 class FlamingoModel(GenerationMixin, nn.Module):
@@ -211,9 +207,24 @@ class FlamingoModel(GenerationMixin, nn.Module):
         media: MediaState | None = None,
         prefix: PrefixState | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        loss_weights: torch.Tensor | None = None,
         **lm_kwargs,
     ) -> FlamingoOutput:
-        """Logits over the LM vocabulary plus the media tokens; loss when ``labels`` given.
+        """Logits over the LM vocabulary plus the media tokens; or the loss, given ``labels``.
+
+        With ``labels`` (``-100``: no loss) only the loss is computed (``flamingo_kit.loss``): the
+        LM head runs on the supervised positions alone, in chunks, and ``logits`` is ``None``.
+        ``loss_weights`` ``[B]`` or ``[B, T]`` weigh each row's (or label position's) tokens; the
+        loss is normalised by the number of supervised tokens.
+
+        Packed rows (several documents in one row, transformers' convention): pass
+        ``position_ids`` that restart at 0 at every document and no ``attention_mask``. A token
+        then attends only to earlier tokens of its own document, sees only its document's
+        images (the first of them is its document's image 0 for the media-position embeddings),
+        and tokens before a document's first image get nothing from cross-attention: each
+        document is computed as if it were alone in its row. Packing needs an LM whose
+        attention follows transformers' packed-sequence masks
+        (:func:`~flamingo_kit.lm_integration.packing_problem` tells).
 
         ``media`` (from :func:`~flamingo_kit.media.media_state`, or a generation cache) replaces
         ``pixel_values``. With ``prefix`` (from :meth:`prefill`) each row continues the cached
@@ -223,19 +234,36 @@ class FlamingoModel(GenerationMixin, nn.Module):
         ``logits_to_keep`` means what it means in transformers (``n``: the last n positions; 0:
         all). Other keyword arguments go to the LM's body.
         """
+        if _checks_token_ids(self, input_ids):
+            self.media_tokens.embedding.check_ids(input_ids, self.lm.get_input_embeddings())
+        # Decisions that need the host (which positions are supervised, which token sees which
+        # image) are taken first, before any heavy work is queued on an accelerator.
+        targets = first = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            if attention_mask is not None:  # padding carries no loss
+                labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0,
+                                            IGNORE_INDEX)
+            targets = LossTargets.from_labels(labels, loss_weights)
+            if prefix is not None:  # the prefix's last logits predict the input's first token
+                first = _first_token_targets(labels, loss_weights)
         if prefix is not None:
             if past_key_values is not None or media is not None:
                 raise ValueError("prefix replaces past_key_values and media; pass only one")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            if labels is not None:
-                labels = self._labels_after_prefix(labels, attention_mask)
             past_key_values, attention_mask, media = continue_prefix(
                 self, prefix, input_ids, attention_mask, pixel_values
             )
             use_cache = True
         elif media is None:  # encode the images: vision tower -> resampler, plus the layout
-            media = media_state(self, input_ids, pixel_values)
+            packed = attention_mask is None and position_ids is not None and past_key_values is None
+            documents = document_ids_from_positions(position_ids) if packed else None
+            media = media_state(self, input_ids, pixel_values, document_ids=documents,
+                                attention_mask=None if attention_mask is None
+                                else attention_mask[:, -input_ids.shape[1]:])
         if position_ids is None and attention_mask is not None:
             # Positions count real tokens only, so left padding does not shift them.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -251,29 +279,22 @@ class FlamingoModel(GenerationMixin, nn.Module):
                 use_cache=use_cache,
                 **lm_kwargs,
             )
+        hidden = out.last_hidden_state
+        if targets is not None:
+            loss = targets.per_token(hidden, self._head, self.media_tokens.head.vocab_size).sum()
+            if first is not None:
+                logits = prefix.logits[:, None].expand(input_ids.shape[0], 2, -1)
+                loss = loss + first.per_token(logits).sum()
+            count = targets.count + (first.count if first is not None else 0)
+            return FlamingoOutput(loss=loss / max(count, 1), past_key_values=out.past_key_values)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        # Logits: the LM's frozen head scores its vocabulary; the media tokens' own head rows
-        # score <image> and <|endofchunk|>.
-        logits = self.media_tokens.head(out.last_hidden_state[:, keep],
-                                        self.lm.get_output_embeddings())
-        loss = None
-        if labels is not None and prefix is not None:
-            # Target t of the input is predicted by the logits before it: the prefix's last
-            # logits for t = 0, the input's own for the others (``labels`` were shifted to match).
-            first = prefix.logits[:, None].expand(input_ids.shape[0], 1, -1)
-            loss = causal_lm_loss(torch.cat([first.to(logits.dtype), logits], 1), labels)
-        elif labels is not None:
-            loss = causal_lm_loss(logits, labels, attention_mask)
-        return FlamingoOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        logits = self._head(hidden[:, keep])
+        return FlamingoOutput(logits=logits, past_key_values=out.past_key_values)
 
-    @staticmethod
-    def _labels_after_prefix(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, 1 + T]`` labels for logits ``[prefix's last ; input]``; padding ignored."""
-        if labels.shape != attention_mask.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
-                             f"{tuple(attention_mask.shape)}")
-        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        return F.pad(labels, (1, 0), value=IGNORE_INDEX)
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits: the LM's frozen head scores its vocabulary; the media tokens' own head rows
+        score ``<image>`` and ``<|endofchunk|>``."""
+        return self.media_tokens.head(hidden, self.lm.get_output_embeddings())
 
     # -- saving and loading -----------------------------------------------------------------
 
@@ -427,3 +448,26 @@ def _inject_lora(lm: nn.Module, options: dict[str, Any]) -> nn.Module:
         raise ValueError(f"unknown lora options {sorted(options)}; valid: r, alpha, dropout, "
                          "target_modules")
     return inject_adapter_in_model(lora, lm)
+
+
+def _checks_token_ids(model: FlamingoModel, input_ids: torch.Tensor) -> bool:
+    """Whether this forward checks its ids against the vocabulary (a host sync).
+
+    Always on CPU, where a sync costs nothing, and outside training: a bad id gets an error that
+    names it instead of an index error or a device-side assert. Not in training on an
+    accelerator, where a per-step sync would stall the queue of kernels: there the ids come
+    from the tokenizer that the trainer checked against the model once at setup. Never under
+    ``torch.compile``.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return input_ids.device.type == "cpu" or not model.training
+
+
+def _first_token_targets(labels: torch.Tensor, weights: torch.Tensor | None) -> LossTargets:
+    """Targets of the first input token, predicted by the prefix's last logits: position 0 of
+    ``[prefix logits ; unused]`` predicts ``labels[:, 0]``."""
+    pair = F.pad(labels[:, :1], (1, 0), value=IGNORE_INDEX)
+    if weights is not None and weights.dim() == 2:
+        weights = F.pad(weights[:, :1], (1, 0))
+    return LossTargets.from_labels(pair, weights)

@@ -88,8 +88,19 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim, bias=False) if out_dim is not None else None
 
+    def check_positions(self, media_positions: torch.Tensor) -> None:
+        """Raise if an image position has no embedding (a host sync: ``FlamingoModel`` calls
+        this before the vision tower runs, so that the forward pass itself needs none)."""
+        if self.media_pos_embs is None or not media_positions.numel():
+            return
+        largest = int(media_positions.max())
+        if largest >= self.media_pos_embs.shape[0]:
+            raise ValueError(f"image position {largest} exceeds perceiver_max_media="
+                             f"{self.media_pos_embs.shape[0]}")
+
     def forward(self, patches: torch.Tensor, media_positions: torch.Tensor) -> torch.Tensor:
-        """patches ``[M, F, P, D]``, media_positions ``[M]`` -> latents ``[M, L, out_dim]``."""
+        """patches ``[M, F, P, D]``, media_positions ``[M]`` (each below ``max_media``, see
+        :meth:`check_positions`) -> latents ``[M, L, out_dim]``."""
         m, frames = patches.shape[:2]
         x = patches
         if self.patch_ff is not None:
@@ -100,11 +111,6 @@ class PerceiverResampler(nn.Module):
                     f"{frames} frames per image, more than max_frames={len(self.frame_embs)}")
             x = x + self.frame_embs[:frames, None]
         if self.media_pos_embs is not None:
-            if m and int(media_positions.max()) >= self.media_pos_embs.shape[0]:
-                raise ValueError(
-                    f"image position {int(media_positions.max())} exceeds perceiver_max_media="
-                    f"{self.media_pos_embs.shape[0]}"
-                )
             x = x + self.media_pos_embs[media_positions, None, None]
         x = x.flatten(1, 2)  # all frames of one image form one token set
         latents = self.latents.expand(m, -1, -1)

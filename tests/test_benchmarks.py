@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from benchmarks import common, cross_attention, generation, ptb_tokenizer, train_step
+from benchmarks import (
+    common,
+    cross_attention,
+    generation,
+    ptb_tokenizer,
+    train_step,
+    trainer_throughput,
+)
 from benchmarks import data as data_benchmark
 from benchmarks import eval as eval_benchmark
 from eval_fewshot.metrics.java_ptb import java_available
@@ -36,6 +43,21 @@ def test_train_step_smoke_measures_both_models():
             assert _finite_positive(results[kind, n]["seconds"])
             assert _finite_positive(results[kind, n]["memory"])
         assert results[kind, "trainable"] > 0
+
+
+def test_trainer_throughput_smoke_runs_the_trainer_step_of_all_three(single_process, capsys):
+    tallies = trainer_throughput.main(SMOKE + ["--profile"])
+    for name in trainer_throughput.CONFIGS:
+        t = tallies[name]
+        assert t.steps == 1 and _finite_positive(t.seconds) and _finite_positive(t.memory)
+        assert t.supervised > 0 and t.images > 0 and math.isfinite(t.losses[0])
+    # Same batches for ours unpacked and IDEFICS; packed rows (2 per batch) hold several
+    # documents each.
+    assert tallies["ours unpacked"].supervised == tallies["IDEFICS"].supervised
+    assert tallies["ours packed"].documents > 2
+    out = capsys.readouterr().out
+    assert "supervised tokens/s, ours packed / IDEFICS" in out
+    assert out.count("## profile:") == 3 and "frozen LM layers" in out
 
 
 def test_cross_attention_smoke_measures_all_calls():

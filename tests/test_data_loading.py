@@ -141,10 +141,11 @@ def test_real_dataloader_workers_one_epoch(world, tok, proc):
     assert Counter(seen) == Counter(expected)
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("consumed", [1, 4])
-def test_resume_continues_exactly(world, tok, proc, num_workers, consumed):
-    kw = dict(sources=("docs", "pairs"), num_workers=num_workers, batch_size=2)
+def test_resume_continues_exactly(world, tok, proc, num_workers, consumed, pack):
+    kw = dict(sources=("docs", "pairs"), num_workers=num_workers, batch_size=2, pack=pack)
     reference = take(loader_for(world, tok, proc, **kw), consumed + 5)
 
     first = loader_for(world, tok, proc, **kw)
@@ -153,9 +154,76 @@ def test_resume_continues_exactly(world, tok, proc, num_workers, consumed):
     resumed = loader_for(world, tok, proc, **kw)
     resumed.load_state_dict(state)
     tail = take(resumed, 5)
-    for got, want in zip(head + tail, reference):
-        for key in ("input_ids", "labels", "attention_mask", "pixel_values", "source_index"):
+    keys = ["input_ids", "labels", "attention_mask", "pixel_values", "source_index"]
+    for got, want in zip(head + tail, reference, strict=True):
+        assert sorted(got) == sorted(keys + ["position_ids"] * pack)
+        for key in keys + ["position_ids"] * pack:
             assert torch.equal(got[key], want[key]), key
+    if pack:  # packed rows really hold several documents here
+        assert max(int((b["position_ids"] == 0).sum()) for b in reference) > 2 * 2
+
+
+def packed_documents(batch, image_id):
+    """The documents of a packed batch: (source index, token ids, pixels) in row order."""
+    out = []
+    for row in range(len(batch["input_ids"])):
+        real = int(batch["attention_mask"][row].sum())
+        starts = (batch["position_ids"][row, :real] == 0).nonzero().squeeze(1).tolist()
+        image = 0
+        for start, end in zip(starts, starts[1:] + [real]):
+            ids = batch["input_ids"][row, start:end]
+            n = int((ids == image_id).sum())
+            assert (batch["source_index"][row, start:end] == batch["source_index"][row, start]).all()
+            assert (batch["labels"][row, start] == -100)  # nothing predicted across a boundary
+            out.append((int(batch["source_index"][row, start]), ids.tolist(),
+                        batch["pixel_values"][row, image:image + n, 0]))
+            image += n
+        assert not batch["pixel_values"][row, image:].any()  # only padding after its images
+    return out
+
+
+def test_packing_keeps_every_document_whole_once(world, tok, proc):
+    """One epoch packed: the same documents as unpacked, each once, whole, with its images."""
+    kw = dict(sources=("docs", "pairs"), resampled=False, max_length=64, batch_size=3)
+    unpacked = []
+    for batch in loader_for(world, tok, proc, **kw):
+        for row in range(len(batch["input_ids"])):
+            real = int(batch["attention_mask"][row].sum())
+            n = int((batch["input_ids"][row] == tok.convert_tokens_to_ids("<image>")).sum())
+            unpacked.append((int(batch["source_index"][row]),
+                             batch["input_ids"][row, :real].tolist(),
+                             batch["pixel_values"][row, :n, 0]))
+    packed_batches = list(loader_for(world, tok, proc, pack=True, **kw))
+    image_id = tok.convert_tokens_to_ids("<image>")
+    packed = [doc for batch in packed_batches for doc in packed_documents(batch, image_id)]
+    assert len(packed) == len(unpacked) == 42
+    assert len(packed_batches) < len(unpacked) / 3  # several documents per row
+    for batch in packed_batches:
+        assert batch["input_ids"].shape[0] <= 3 and batch["input_ids"].shape[1] <= 64
+    key = lambda doc: (doc[0], doc[1])  # noqa: E731
+    for got, want in zip(sorted(packed, key=key), sorted(unpacked, key=key), strict=True):
+        assert got[:2] == want[:2] and torch.equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_cut_documents_are_counted_and_survive_resume(world, tok, proc, pack):
+    kw = dict(sources=("docs",), max_length=12, batch_size=2, pack=pack)
+    reference = loader_for(world, tok, proc, **kw)
+    take(reference, 6)
+    first = loader_for(world, tok, proc, **kw)
+    take(first, 3)
+    resumed = loader_for(world, tok, proc, **kw)
+    resumed.load_state_dict(first.state_dict())
+    take(resumed, 3)
+    assert resumed.truncated() == reference.truncated()
+    assert reference.truncated()["docs"] > 0
+    assert loader_for(world, tok, proc).truncated() == {}
+
+
+def test_packing_is_part_of_the_resume_check(world, tok, proc):
+    state = loader_for(world, tok, proc).state_dict()
+    with pytest.raises(ValueError, match="pack"):
+        loader_for(world, tok, proc, pack=True).load_state_dict(state)
 
 
 def test_iterating_again_continues(world, tok, proc):
@@ -202,14 +270,24 @@ def test_weight_schedule_switches_at_the_same_batch_with_any_workers(world, tok,
     assert kinds == [{"pairs"}] * 3 + [{"docs"}] * 4
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+def test_weight_schedule_counts_packed_batches(world, tok, proc):
+    """Packed: the switch happens at the same batch; the document that overflowed the last
+    batch before it was drawn before the switch and opens the first batch after it."""
+    batches = take(scheduled_loader(world, tok, proc, pack=True), 7)
+    kinds = [{("docs", "pairs")[i] for i in b["source_index"][b["attention_mask"] > 0].tolist()}
+             for b in batches]
+    assert kinds == [{"pairs"}] * 3 + [{"pairs", "docs"}] + [{"docs"}] * 3
+
+
+@pytest.mark.parametrize("num_workers, pack", [(0, False), (2, False), (0, True), (2, True)])
 @pytest.mark.parametrize("consumed", [2, 3, 5])  # before, at and after the switch
-def test_resume_across_a_weight_schedule_continues_exactly(world, tok, proc, num_workers,
+def test_resume_across_a_weight_schedule_continues_exactly(world, tok, proc, num_workers, pack,
                                                            consumed):
-    reference = take(scheduled_loader(world, tok, proc, num_workers=num_workers), consumed + 4)
-    first = scheduled_loader(world, tok, proc, num_workers=num_workers)
+    kw = dict(num_workers=num_workers, pack=pack)
+    reference = take(scheduled_loader(world, tok, proc, **kw), consumed + 4)
+    first = scheduled_loader(world, tok, proc, **kw)
     head = take(first, consumed)
-    resumed = scheduled_loader(world, tok, proc, num_workers=num_workers)
+    resumed = scheduled_loader(world, tok, proc, **kw)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     for got, want in zip(head + take(resumed, 4), reference):
         for key in ("input_ids", "pixel_values", "source_index"):

@@ -173,6 +173,25 @@ def test_text_before_first_image_gets_exactly_zero():
 
 
 @pytest.mark.parametrize("policy", ["immediate", "all_previous"])
+def test_cross_attention_runs_only_on_tokens_that_see_an_image(policy):
+    """Text before the first image and padding cost nothing in the blocks: only the tokens
+    that see an image are gathered into them; the rest of the outputs are unchanged."""
+    model = randomize_all(build_model("llama", media_policy=policy))
+    ids = ids_with_images([4, 9], length=16)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # right padding
+    rows = []
+    model.lm.model.layers[0].xattn.to_q.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[0]))
+    pixels = torch.randn(2, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        alone = model(input_ids=ids[1:, :12], pixel_values=pixels[1:]).logits
+    assert rows == [(16 - 4) + (12 - 4), 12 - 4]
+    assert torch.allclose(logits[1, :12], alone[0], atol=1e-5)  # the padded row's real tokens
+
+
+@pytest.mark.parametrize("policy", ["immediate", "all_previous"])
 def test_attention_inputs_follow_the_media_policy(policy):
     # Three images at tokens 2, 7, 12; perturb the keys/values of image 0 only.
     ids = ids_with_images([2, 7, 12], length=16, batch=1)
@@ -406,6 +425,16 @@ def test_bad_inputs_fail_clearly():
     ids[1, 4] = 302
     with pytest.raises(ValueError, match=r"input_ids\[1, 4\] = 302 is not a token id"):
         model(input_ids=ids)
+
+
+def test_too_many_images_for_the_resampler_fail_before_any_image_is_encoded():
+    model = build_model("llama", perceiver_max_media=2)
+    seen = []
+    model.vision.tower.register_forward_hook(lambda *_: seen.append(1))
+    ids = ids_with_images([1, 4, 7])
+    with pytest.raises(ValueError, match="image position 2 exceeds perceiver_max_media=2"):
+        model(input_ids=ids, pixel_values=torch.randn(2, 3, 1, 3, 32, 32))
+    assert not seen
 
 
 @pytest.mark.parametrize("every_n, wrapped", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])

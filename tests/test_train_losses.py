@@ -1,4 +1,4 @@
-"""The losses against hand computations."""
+"""The contrastive losses against hand computations (the LM loss: tests/test_loss.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from train.losses import (
     clip_loss,
     clip_loss_from_logits,
     siglip_loss,
-    weighted_lm_loss,
 )
 
 SIMILARITY = torch.tensor([[5.0, 1.2, 0.3], [0.8, 4.5, 0.5], [0.1, 0.7, 4.8]])
@@ -66,21 +65,3 @@ def test_siglip_gradients_reach_temperature_and_bias():
     bias = torch.tensor([-10.0], requires_grad=True)
     siglip_loss(torch.randn(3, 4), torch.randn(3, 4), log_scale, bias).backward()
     assert log_scale.grad.abs().item() > 0 and bias.grad.abs().item() > 0
-
-
-def test_weighted_lm_loss_is_mean_ce_with_unit_weights_and_scales_rows():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11)
-    labels = torch.randint(0, 11, (2, 5))
-    labels[0, 3] = -100
-    plain = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
-                            ignore_index=-100)
-    assert weighted_lm_loss(logits, labels).item() == pytest.approx(plain.item(), rel=1e-6)
-    assert weighted_lm_loss(logits, labels, torch.ones(2)).item() == pytest.approx(
-        plain.item(), rel=1e-6)
-    per_row = [F.cross_entropy(logits[b, :-1], labels[b, 1:], ignore_index=-100,
-                               reduction="sum") for b in range(2)]
-    n_tokens = int((labels[:, 1:] != -100).sum())
-    weighted = weighted_lm_loss(logits, labels, torch.tensor([1.0, 0.5]))
-    assert weighted.item() == pytest.approx(((per_row[0] + 0.5 * per_row[1]) / n_tokens).item(),
-                                            rel=1e-6)

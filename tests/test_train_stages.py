@@ -54,13 +54,16 @@ def test_contrastive_stage_learns_and_exports_vision_tower(
     assert vision.config.image_size == processor.crop_size["height"] == 32
 
 
+@pytest.mark.parametrize("packing", [True, False])
 def test_flamingo_stage_learns_and_exports_loadable_model(
-    world, single_process, tmp_path  # noqa: F811
+    world, single_process, tmp_path, packing  # noqa: F811
 ):
     run_dir = str(tmp_path / "flamingo")
     overrides = common_overrides(run_dir, 40) + stage_overrides(world, "flamingo")
-    final = run(load_config(None, overrides + ["optim.lr=1e-2"]))
+    final = run(load_config(None, overrides + ["optim.lr=1e-2", f"flamingo.packing={packing}"]))
     _assert_decreases(_losses(run_dir), window=10, margin=0.2)
+    setup_event = next(r for r in read_metrics(run_dir) if r.get("event") == "setup")
+    assert setup_event["packing"] == ("on" if packing else "off (flamingo.packing=false)")
     moved = shutil.move(final, tmp_path / "copied_elsewhere")  # self-contained: parts inside
     with open(os.path.join(moved, "config.json")) as f:
         assert json.load(f)["lm_source"]["path"] == "lm"

@@ -217,6 +217,11 @@ class FlamingoStage:
     init_from: str | None = None
     max_length: int = 128
     max_images: int = 4
+    # Several documents per row of max_length tokens (micro_batch_size rows per batch), each
+    # computed exactly as if alone; used when the LM's attention keeps packed documents apart
+    # (checked at setup: llama, mistral, qwen2, gemma, gpt2, gpt_neox, phi do; OPT and MPT in
+    # transformers 5.x do not, and train unpacked with a warning).
+    packing: bool = True
     num_workers: int = 0
     sources: list[SourceSettings] = field(default_factory=lambda: [SourceSettings()])
     # Data the run does not train on, for the image-reliance diagnostics (logging.image_*);

@@ -30,7 +30,7 @@ import torch
 
 from data_pipelines.loading import SourceConfig, build_loader
 from flamingo_kit.lm_integration import flamingo_layers
-from train.losses import token_loss_sums
+from flamingo_kit.loss import LossTargets
 
 Batch = dict[str, torch.Tensor]
 
@@ -101,7 +101,7 @@ def _loss_sums(model: Callable, batch: Batch, pixel_values: torch.Tensor
     """Per-row summed cross-entropy and supervised-token count with these pixels."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=pixel_values)
-    return token_loss_sums(out.logits, batch["labels"])
+    return LossTargets.from_labels(batch["labels"]).row_sums(out.logits)
 
 
 def reliance(model: Callable, module, data: HeldOutData) -> dict[str, float]:

@@ -1,6 +1,7 @@
-"""Training losses: weighted causal-LM cross-entropy, CLIP softmax loss, SigLIP sigmoid loss.
+"""Contrastive training losses: CLIP softmax loss, SigLIP sigmoid loss.
 
-Pure functions of tensors, so each is checked against a hand computation in the tests.
+Pure functions of tensors, so each is checked against a hand computation in the tests. The
+causal-LM loss of every stage is :func:`flamingo_kit.loss.causal_lm_loss`.
 """
 
 from __future__ import annotations
@@ -10,49 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flamingo_kit.batching import IGNORE_INDEX
-
 CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)
 CLIP_MAX_LOG_SCALE = math.log(100.0)
 SIGLIP_INIT_LOG_SCALE = math.log(10.0)
 SIGLIP_INIT_BIAS = -10.0
-
-
-def weighted_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Next-token cross-entropy with a weight per sequence.
-
-    ``loss = sum_{b,t} w_b * CE(logits[b, t], labels[b, t+1]) / #{(b, t): labels[b, t+1] != -100}``
-
-    Normalising by the token count (not by the weights) means a batch whose rows all have
-    weight 1 gives exactly the usual mean CE, and a source with weight 0.5 contributes half the
-    gradient per token it supervises. Logits are upcast to fp32 because bf16 log-softmax over a
-    large vocabulary loses the small probabilities that matter for the loss.
-    """
-    per_token = next_token_losses(logits, labels)
-    if row_weights is not None:
-        per_token = per_token * row_weights.to(per_token.dtype)[:, None]
-    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-    return per_token.sum() / n_tokens
-
-
-def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[B, T-1]`` fp32 cross-entropy of predicting ``labels[:, t+1]``; 0 where it is -100."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view_as(shift_labels)
-
-
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: summed next-token cross-entropy and the number of supervised tokens."""
-    return next_token_losses(logits, labels).sum(1), (labels[:, 1:] != IGNORE_INDEX).sum(1)
 
 
 def clip_loss_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

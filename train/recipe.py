@@ -99,7 +99,8 @@ def setup(cfg: TrainConfig) -> Session:
                      changed={key: list(values) for key, values in changed.items()})
     logger.event("setup", stage=cfg.stage, world_size=dist.world_size,
                  trainable_params=n_trainable, frozen_params=n_frozen,
-                 zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision)
+                 zero_stage=cfg.deepspeed.zero_stage, precision=cfg.deepspeed.precision,
+                 **parts.setup_info)
     engine.train()
     return Session(cfg=cfg, dist=dist, parts=parts, engine=engine, logger=logger,
                    n_trainable=n_trainable, n_frozen=n_frozen, step=start_step,
@@ -132,7 +133,8 @@ def train_step(s: Session) -> dict[str, Any]:
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
     start = time.perf_counter()
     while done < cfg.deepspeed.grad_accum:
-        batch = to_device(next(s.data_iter), engine.device, dtype)
+        host_batch = next(s.data_iter)
+        batch = to_device(host_batch, engine.device, dtype)
         loss = s.parts.loss(engine, batch)
         if not _is_finite_on_all_ranks(loss):
             s.nonfinite += 1
@@ -149,14 +151,15 @@ def train_step(s: Session) -> dict[str, Any]:
         if engine.is_gradient_accumulation_boundary() and _needs_own_grad_norm(engine):
             own_norm = gradient_norm(engine.module)  # step() clips, then zeroes the gradients
         engine.step()
-        loss_sum += float(loss.detach())
-        tokens += s.parts.count_tokens(batch)
-        crc = _fingerprint(batch, crc)
+        loss_sum += float(loss.detach())  # no wait: the finiteness check above synced already
+        # Counted on the host copy: reading device tensors here would wait for the backward.
+        tokens += s.parts.count_tokens(host_batch)
+        crc = _fingerprint(host_batch, crc)
         done += 1
     s.step += 1
     loss_total, tokens_total = all_reduce_sum([loss_sum, float(tokens)])
     seconds = time.perf_counter() - start
-    skipped = skip_counts(s)
+    skipped, truncated = data_counts(s)
     flops = step_flops(s.n_trainable, s.n_frozen, tokens_total)
     return {
         "loss": loss_total / (cfg.deepspeed.grad_accum * s.dist.world_size),
@@ -168,6 +171,7 @@ def train_step(s: Session) -> dict[str, Any]:
         "step_time_s": seconds,
         "skipped": sum(skipped.values()),
         "skipped_by_reason": skipped,
+        "truncated": sum(truncated.values()),
         "batch_crc": crc,
     }
 
@@ -195,12 +199,18 @@ def _grad_norm(engine, own_norm: float | None) -> float | None:
     return float(norm)
 
 
-def skip_counts(s: Session) -> dict[str, int]:
-    """Samples dropped so far on all ranks by reason, plus ``nonfinite_loss`` micro-batches."""
-    counts = sum_counts(getattr(s.parts.loader, "skipped", dict)())
+def data_counts(s: Session) -> tuple[dict[str, int], dict[str, int]]:
+    """Summed over ranks (one collective): samples dropped so far by reason, plus
+    ``nonfinite_loss`` micro-batches; documents cut to the maximum length, by source."""
+    loader = s.parts.loader
+    local = {f"skipped/{k}": v for k, v in getattr(loader, "skipped", dict)().items()}
+    local.update({f"truncated/{k}": v for k, v in getattr(loader, "truncated", dict)().items()})
+    total = sum_counts(local)
+    skipped = {k.split("/", 1)[1]: v for k, v in total.items() if k.startswith("skipped/")}
+    truncated = {k.split("/", 1)[1]: v for k, v in total.items() if k.startswith("truncated/")}
     if s.nonfinite:
-        counts["nonfinite_loss"] = s.nonfinite
-    return dict(sorted(counts.items()))
+        skipped["nonfinite_loss"] = s.nonfinite
+    return dict(sorted(skipped.items())), dict(sorted(truncated.items()))
 
 
 def save_checkpoint(s: Session) -> str:
@@ -254,9 +264,10 @@ def train(s: Session) -> None:
             s.logger.log_step(s.step, metrics)
         if s.step % cfg.checkpoint.every == 0 or s.step == cfg.steps:
             save_checkpoint(s)
-    skipped = skip_counts(s)
+    skipped, truncated = data_counts(s)
     s.logger.event("summary", step=s.step, last_loss=metrics["loss"] if metrics else None,
-                   skipped=sum(skipped.values()), skipped_by_reason=skipped)
+                   skipped=sum(skipped.values()), skipped_by_reason=skipped,
+                   truncated_by_source=truncated)
 
 
 def export(s: Session) -> str:

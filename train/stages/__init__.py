@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,9 +25,10 @@ class StageParts:
     """What the loop needs from a stage.
 
     ``loader`` yields batches forever and has ``state_dict``/``load_state_dict`` (and optionally
-    ``skipped()``); ``loss(model, batch)`` runs the (DeepSpeed-wrapped) model and returns a
-    scalar; ``export(module, directory)`` writes the final artefact on rank 0 with all weights
-    gathered; ``count_tokens(batch)`` feeds throughput and MFU. ``diagnose(engine)``, when a
+    ``skipped()`` and ``truncated()``); ``loss(model, batch)`` runs the (DeepSpeed-wrapped) model
+    and returns a scalar; ``export(module, directory)`` writes the final artefact on rank 0 with
+    all weights gathered; ``count_tokens(batch)`` feeds throughput and MFU; ``setup_info`` goes
+    into the run's ``setup`` event (e.g. whether batches are packed). ``diagnose(engine)``, when a
     stage has one, returns named floats measured on held-out data (every rank calls it).
     """
 
@@ -36,6 +37,7 @@ class StageParts:
     loss: Callable[[Callable, Batch], torch.Tensor]
     export: Callable[[torch.nn.Module, str], None]
     count_tokens: Callable[[Batch], int]
+    setup_info: dict[str, Any] = field(default_factory=dict)
     diagnose: Callable[[Any], dict[str, float]] | None = None
 
 

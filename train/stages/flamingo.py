@@ -2,16 +2,18 @@
 
 Trains the Perceiver Resampler, the gated cross-attention, the media-token rows (and LoRA when
 ``flamingo.model.lora`` is set) on a weighted mix of interleaved and pair sources, each with its
-own loss weight and optional weight schedule. ``flamingo.init_from`` continues from a saved model
-instead (e.g. a converted OpenFlamingo checkpoint). With ``logging.image_reliance_every`` it also
-measures how much the model uses its images on ``flamingo.heldout_sources``
-(``train.diagnostics``). ``RUN/final`` loads with ``FlamingoModel.from_pretrained`` and
-``FlamingoProcessor.from_pretrained``.
+own loss weight and optional weight schedule. Batches are packed (``flamingo.packing``: several
+documents per row, exact) when the LM keeps packed documents apart, which is measured at setup.
+``flamingo.init_from`` continues from a saved model instead (e.g. a converted OpenFlamingo
+checkpoint). With ``logging.image_reliance_every`` it also measures how much the model uses its
+images on ``flamingo.heldout_sources`` (``train.diagnostics``). ``RUN/final`` loads with
+``FlamingoModel.from_pretrained`` and ``FlamingoProcessor.from_pretrained``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer
@@ -20,22 +22,32 @@ from data_pipelines.loading import SourceConfig, build_loader
 from data_pipelines.shard_access import shard_kind
 from flamingo_kit import FlamingoConfig, FlamingoModel, FlamingoProcessor
 from flamingo_kit.backbones import require_local_dir
+from flamingo_kit.lm_integration import packing_problem
 from train import diagnostics
 from train.config import FlamingoStage, SourceSettings, TrainConfig
 from train.distributed import DistInfo
-from train.losses import weighted_lm_loss
 from train.stages import Batch, StageParts, count_attended_tokens, float_dtype, to_device
 
 
 def make_loss(loss_weights: list[float]):
-    """Batch -> cross-entropy where each row counts with its source's loss weight."""
+    """Batch -> cross-entropy where each token counts with its source's loss weight.
+
+    A packed batch (it has ``position_ids``) goes to the model without its attention mask,
+    which is how the model tells documents apart; its ``source_index`` is per token.
+    """
     weights = torch.tensor(loss_weights, dtype=torch.float32)
+    on_device: dict[torch.device, torch.Tensor] = {}
 
     def flamingo_loss(model, batch: Batch) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"])
-        row_weights = weights.to(out.logits.device)[batch["source_index"]]
-        return weighted_lm_loss(out.logits, batch["labels"], row_weights)
+        device = batch["input_ids"].device
+        if device not in on_device:
+            on_device[device] = weights.to(device)
+        packed = "position_ids" in batch
+        out = model(input_ids=batch["input_ids"],
+                    attention_mask=None if packed else batch["attention_mask"],
+                    position_ids=batch.get("position_ids"), pixel_values=batch["pixel_values"],
+                    labels=batch["labels"], loss_weights=on_device[device][batch["source_index"]])
+        return out.loss
 
     return flamingo_loss
 
@@ -96,6 +108,18 @@ def make_diagnose(cfg: TrainConfig, sources: list[SourceConfig], processor, imag
     return diagnose
 
 
+def use_packing(stage: FlamingoStage, model: FlamingoModel) -> tuple[bool, str]:
+    """Whether batches are packed, and why (logged): ``flamingo.packing`` and the LM's check."""
+    if not stage.packing:
+        return False, "off (flamingo.packing=false)"
+    problem = packing_problem(model.lm)
+    if problem is None:
+        return True, "on"
+    warnings.warn(f"flamingo.packing: {problem}, so batches are not packed (one document per "
+                  "row); set flamingo.packing=false to silence this", stacklevel=2)
+    return False, f"off ({problem})"
+
+
 def build_model(stage: FlamingoStage) -> tuple[FlamingoModel, FlamingoProcessor]:
     """A new model from the LM/vision dirs, or the saved model ``stage.init_from``."""
     if stage.init_from:
@@ -135,11 +159,15 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
                          "(name, kind: interleaved|pairs, shards, weight, loss_weight)")
     model, processor = build_model(stage)
     image_processor = processor.image_processor
+    # Every id the data can hold embeds: so training steps need not check ids (a host sync).
+    model.media_tokens.embedding.check_vocabulary(len(processor.tokenizer),
+                                                  model.lm.get_input_embeddings())
+    pack, packing = use_packing(stage, model)
     sources = source_configs(stage.sources, stage.data_root, cfg.deepspeed.grad_accum)
     loader = build_loader(
         sources, processor.tokenizer, image_processor, batch_size=cfg.deepspeed.micro_batch_size,
         max_length=stage.max_length, max_images=stage.max_images, seed=cfg.seed, rank=dist.rank,
-        world_size=dist.world_size, num_workers=stage.num_workers)
+        world_size=dist.world_size, num_workers=stage.num_workers, pack=pack)
 
     def export(module: FlamingoModel, directory: str) -> None:
         module.save_pretrained(directory, self_contained=True)
@@ -147,4 +175,5 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
 
     return StageParts(model=model, loader=loader, loss=make_loss([s.loss_weight for s in sources]),
                       export=export, count_tokens=count_attended_tokens,
+                      setup_info={"packing": packing},
                       diagnose=make_diagnose(cfg, sources, processor, image_processor))

@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_pipelines.tokenizer import train_tokenizer
 from flamingo_kit.from_scratch import lm_config
+from flamingo_kit.loss import causal_lm_loss
 from train.atomic import atomic_directory
 from train.config import TrainConfig
 from train.distributed import DistInfo, barrier
-from train.losses import weighted_lm_loss
 from train.packing import CopyWarmupLoader, PackedBlockLoader, pack_documents
 from train.stages import Batch, StageParts, count_attended_tokens
 
@@ -60,7 +60,7 @@ def prepare_tokenizer(cfg: TrainConfig, docs: list[str], dist: DistInfo):
 def lm_loss(model, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the packed block."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return weighted_lm_loss(out.logits, batch["labels"])
+    return causal_lm_loss(out.logits, batch["labels"])
 
 
 def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
