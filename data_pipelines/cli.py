@@ -20,7 +20,7 @@ def _synth(args: argparse.Namespace) -> None:
 
     config = WorldConfig(seed=args.seed, n_pairs=args.n_pairs, n_docs=args.n_docs,
                          n_corpus=args.n_corpus, n_eval=args.n_eval, n_episodes=args.n_episodes,
-                         image_size=args.image_size, shard_size=args.shard_size)
+                         n_heldout=args.n_heldout, image_size=args.image_size, shard_size=args.shard_size)
     summary = synthesize(args.out, config)
     print(json.dumps(summary, indent=2))
 
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per eval split and task")
     synth.add_argument("--n-episodes", type=int, default=defaults.n_episodes,
                        help="label-binding episodes")
+    synth.add_argument("--n-heldout", type=int, default=defaults.n_heldout,
+                       help="held-out pairs and documents (each), never trained on")
     synth.add_argument("--image-size", type=int, default=defaults.image_size)
     synth.add_argument("--shard-size", type=int, default=defaults.shard_size,
                        help="samples per shard")

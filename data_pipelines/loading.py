@@ -54,6 +54,9 @@ class SourceConfig:
     ``source_index``). ``pipe:`` shards (shell commands) are accepted only with
     ``allow_pipe=True`` and URLs (http, s3, gs, ...) only with ``allow_remote=True``; see
     ``data_pipelines.shard_access``. Missing local shards in a list are warned about once.
+    ``weight_schedule`` lists ``(batch, weight)`` changes: from the stream's ``batch``-th batch
+    on (0-based, counted per rank over all its workers) the source has that weight; before the
+    first change it has ``weight``. A weight of 0 leaves the source out while it holds.
     """
 
     name: str
@@ -63,6 +66,7 @@ class SourceConfig:
     loss_weight: float = 1.0
     allow_pipe: bool = False
     allow_remote: bool = False
+    weight_schedule: list[tuple[int, float]] = field(default_factory=list)
     shard_paths: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -70,8 +74,15 @@ class SourceConfig:
             raise ValueError(
                 f"source {self.name!r}: kind must be one of {sorted(DECODERS)}, got {self.kind!r}"
             )
-        if not self.weight > 0:
-            raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
+        self.weight_schedule = [(int(b), float(w)) for b, w in self.weight_schedule]
+        weights = [self.weight] + [w for _, w in self.weight_schedule]
+        if not min(weights) >= 0 or not max(weights) > 0:
+            raise ValueError(f"source {self.name!r}: weights must be >= 0 and one of them > 0, "
+                             f"got {weights}")
+        starts = [b for b, _ in self.weight_schedule]
+        if starts != sorted(set(starts)) or (starts and starts[0] < 1):
+            raise ValueError(f"source {self.name!r}: weight_schedule batches must be >= 1 and "
+                             f"strictly increasing, got {starts}")
         self.shard_paths = expand_shards(self.shards, self.name, self.allow_pipe,
                                          self.allow_remote)
         if not self.shard_paths:
@@ -81,6 +92,10 @@ class SourceConfig:
                 "of .tar"
             )
         warn_missing(self.shard_paths, self.name)
+
+    def weight_at(self, batch: int) -> float:
+        """The sampling weight for the stream's ``batch``-th batch (0-based)."""
+        return ([self.weight] + [w for start, w in self.weight_schedule if start <= batch])[-1]
 
 
 class MixtureStream:
@@ -105,7 +120,13 @@ class MixtureStream:
         self.pack = pack
         self.pad_token_id = builder.tokenizer.pad_token_id
         self.truncated = [0] * len(self.sources)  # documents cut to max_length, per source
-        rank, _, worker, _ = stream
+        rank, _, worker, num_workers = stream
+        self.worker, self.num_workers = worker, num_workers
+        self.batches_done = 0  # batches this stream has yielded; the schedules read it
+        # Packed: the saved position is just before the document that opens the next batch,
+        # which was drawn while the previous batch filled; a resumed stream draws it at that
+        # batch index, then moves on (see _packed_batches).
+        self.opening_pending = False
         self.streams = [
             SourceStream(s.name, s.shard_paths, seed, stream, shuffle_buffer, resampled,
                          s.allow_pipe, s.allow_remote)
@@ -118,12 +139,16 @@ class MixtureStream:
         return {
             "rng": [version, list(internal), gauss],
             "sources": [s.state_dict() for s in self.streams],
+            "batches": self.batches_done,
+            "opening_pending": self.opening_pending,
             "truncated": list(self.truncated),
         }
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self.batches_done = int(state.get("batches", 0))
+        self.opening_pending = bool(state.get("opening_pending", False))
         self.truncated = list(state.get("truncated", [0] * len(self.sources)))
         if len(state["sources"]) != len(self.streams):
             raise ValueError(
@@ -151,7 +176,13 @@ class MixtureStream:
             active = [i for i, s in enumerate(self.streams) if not s.exhausted]
             if not active:
                 return None
-            weights = [self.sources[i].weight for i in active]
+            # Workers take batches in turn, so this stream's next batch is the rank's
+            # (done * workers + worker)-th: every stream switches weights at the same batch.
+            batch = self.batches_done * self.num_workers + self.worker
+            weights = [self.sources[i].weight_at(batch) for i in active]
+            if not any(weights):
+                raise RuntimeError(f"every unfinished source has weight 0 at batch {batch}: "
+                                   f"{[self.sources[i].name for i in active]}")
             index = self.rng.choices(active, weights=weights)[0]
             stream = self.streams[index]
             start_epoch = stream.epoch
@@ -178,6 +209,7 @@ class MixtureStream:
             indices, docs, pixels = zip(*samples)
             batch = collate(docs, pixels, self.pad_token_id)
             batch["source_index"] = torch.tensor(indices, dtype=torch.long)
+            self.batches_done += 1
             yield batch, self.state_dict()
             if len(samples) < self.batch_size:
                 return
@@ -191,17 +223,22 @@ class MixtureStream:
             while True:
                 if waiting is None:
                     before, sample = self.state_dict(), self._next_sample()
+                    if self.opening_pending:  # resumed: that was the opening document
+                        self.opening_pending = False
+                        self.batches_done += 1
                     if sample is None:  # a finite stream is done
                         break
                 else:
                     (sample, before), waiting = waiting, None
                 if not packer.add(sample):
-                    waiting = (sample, before)
+                    waiting = (sample, {**before, "opening_pending": True})
                     break
             if packer.empty:
                 return
             batch = packer.batch(self.pad_token_id)
-            yield batch, (waiting[1] if waiting is not None else self.state_dict())
+            batch_done = waiting[1] if waiting is not None else self.state_dict()
+            self.batches_done += 1
+            yield batch, batch_done
             if waiting is None:
                 return
 

@@ -37,6 +37,9 @@ class FlamingoConfig:
     perceiver_ff_mult: int = 4
     perceiver_max_media: int = 64  # media-position embeddings: images per sequence; 0: none
     perceiver_max_frames: int = 8  # frame embeddings: frames per image/video; 0: none
+    # >0: a trainable MLP (this width multiple) on every patch token before the resampler
+    # attends, so features a frozen tower encodes nonlinearly per patch become poolable.
+    perceiver_patch_ff_mult: int = 0
     # False: latents keep the vision width and cross-attention projects keys/values from it
     # (OpenFlamingo); True: latents are projected to the LM width.
     perceiver_output_proj: bool = True
@@ -80,6 +83,9 @@ class FlamingoConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no such embeddings), got "
                                  f"{getattr(self, name)}")
+        if self.perceiver_patch_ff_mult < 0:
+            raise ValueError("perceiver_patch_ff_mult must be >= 0 (0: no patch MLP), got "
+                             f"{self.perceiver_patch_ff_mult}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of every field."""

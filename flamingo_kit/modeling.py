@@ -98,6 +98,7 @@ class FlamingoModel(GenerationMixin, nn.Module):
             ff_mult=config.perceiver_ff_mult,
             max_media=config.perceiver_max_media,
             max_frames=config.perceiver_max_frames,
+            patch_ff_mult=config.perceiver_patch_ff_mult,
         )
         insert_cross_attention(
             lm,

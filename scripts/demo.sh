@@ -34,8 +34,11 @@ step "3/5 contrastive vision pretraining (configs/contrastive.yaml)"
 step "4/5 Flamingo training through the DeepSpeed engine (configs/flamingo.yaml)"
 "$PY" -m train --config configs/flamingo.yaml run_dir="$RUNS/flamingo" \
     flamingo.lm="$RUNS/lm/final" flamingo.vision="$RUNS/contrastive/final" \
-    "flamingo.sources=[{name: docs, kind: interleaved, shards: $DATA/interleaved, weight: 1.0, loss_weight: 1.0}, {name: pairs, kind: pairs, shards: $DATA/pairs, weight: 1.0, loss_weight: 1.0}]" \
-    ${STEPS_FLAMINGO:+steps=$STEPS_FLAMINGO}
+    flamingo.data_root="$DATA" ${STEPS_FLAMINGO:+steps=$STEPS_FLAMINGO}
+echo "Image reliance during training (held-out loss with permuted minus true images, nats/token):"
+"$PY" -m train.diagnose "$RUNS/flamingo" --history
+echo "The final model on the held-out data:"
+"$PY" -m train.diagnose "$RUNS/flamingo" --save "$RUNS/eval/image_reliance.json"
 
 step "5/5 k-shot evaluation (shots $SHOTS, $TRIALS trials, $LIMIT queries)"
 for task in synth_captioning synth_vqa synth_label_binding; do
@@ -45,6 +48,8 @@ for task in synth_captioning synth_vqa synth_label_binding; do
 done
 
 step "done in $(( $(date +%s) - start ))s; results in $RUNS/eval, model in $RUNS/flamingo/final"
+echo "Learning targets (scripts/check_demo.py $RUNS/eval):"
+"$PY" scripts/check_demo.py "$RUNS/eval" || echo "(some targets are not met; see README)"
 cat <<SNIPPET
 
 Prompt the trained model from Python:

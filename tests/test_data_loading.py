@@ -252,6 +252,60 @@ def test_single_source_and_mixture_weights(world, tok, proc):
     assert 0.55 < share_docs < 0.78  # weights 1.0 : 0.5 -> 2/3
 
 
+def scheduled_loader(world, tok, proc, switch=3, **kw):
+    """Pairs alone for ``switch`` batches, then docs alone (a curriculum)."""
+    sources = [SourceConfig("docs", "interleaved", world["docs"], weight=0.0,
+                            weight_schedule=[(switch, 1.0)]),
+               SourceConfig("pairs", "pairs", str(world["root"] / "pairs"),
+                            weight_schedule=[(switch, 0.0)])]
+    args = dict(batch_size=2, max_length=64, max_images=4, seed=0, shuffle_buffer=8)
+    return build_loader(sources, tok, proc, **{**args, **kw})
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_weight_schedule_switches_at_the_same_batch_with_any_workers(world, tok, proc,
+                                                                    num_workers):
+    batches = take(scheduled_loader(world, tok, proc, num_workers=num_workers), 7)
+    kinds = [{("docs", "pairs")[i] for i in b["source_index"].tolist()} for b in batches]
+    assert kinds == [{"pairs"}] * 3 + [{"docs"}] * 4
+
+
+def test_weight_schedule_counts_packed_batches(world, tok, proc):
+    """Packed: the switch happens at the same batch; the document that overflowed the last
+    batch before it was drawn before the switch and opens the first batch after it."""
+    batches = take(scheduled_loader(world, tok, proc, pack=True), 7)
+    kinds = [{("docs", "pairs")[i] for i in b["source_index"][b["attention_mask"] > 0].tolist()}
+             for b in batches]
+    assert kinds == [{"pairs"}] * 3 + [{"pairs", "docs"}] + [{"docs"}] * 3
+
+
+@pytest.mark.parametrize("num_workers, pack", [(0, False), (2, False), (0, True), (2, True)])
+@pytest.mark.parametrize("consumed", [2, 3, 5])  # before, at and after the switch
+def test_resume_across_a_weight_schedule_continues_exactly(world, tok, proc, num_workers, pack,
+                                                           consumed):
+    kw = dict(num_workers=num_workers, pack=pack)
+    reference = take(scheduled_loader(world, tok, proc, **kw), consumed + 4)
+    first = scheduled_loader(world, tok, proc, **kw)
+    head = take(first, consumed)
+    resumed = scheduled_loader(world, tok, proc, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for got, want in zip(head + take(resumed, 4), reference):
+        for key in ("input_ids", "pixel_values", "source_index"):
+            assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("weight, schedule, message", [
+    (0.0, [], "one of them > 0"),
+    (-1.0, [(2, 1.0)], ">= 0"),
+    (1.0, [(3, 1.0), (2, 0.5)], "strictly increasing"),
+    (1.0, [(0, 0.5)], ">= 1"),
+])
+def test_bad_weight_schedules_are_refused(world, weight, schedule, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SourceConfig("docs", "interleaved", world["docs"], weight=weight,
+                     weight_schedule=schedule)
+
+
 def test_same_seed_same_stream_other_seed_differs(world, tok, proc):
     a = [sample_ids(b, tok) for b in take(loader_for(world, tok, proc, seed=5), 4)]
     b = [sample_ids(b, tok) for b in take(loader_for(world, tok, proc, seed=5), 4)]

@@ -329,6 +329,28 @@ def test_save_load_gives_identical_logits(family, tmp_path):
     ]
 
 
+def test_patch_mlp_feeds_the_resampler_and_round_trips(tmp_path):
+    """perceiver_patch_ff_mult>0: a per-patch MLP changes what the latents see; saved exactly."""
+    model = build_model("llama", perceiver_patch_ff_mult=2)
+    open_gates(model, 0.5)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.perceiver.patch_ff.parameters():
+            p.copy_(torch.randn_like(p))
+    patches = torch.randn(2, 1, 17, model.vision.hidden_size)
+    positions = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        with_mlp = model.perceiver(patches, positions)
+        mlp, model.perceiver.patch_ff = model.perceiver.patch_ff, None
+        without = model.perceiver(patches, positions)
+        model.perceiver.patch_ff = mlp
+    assert not torch.allclose(with_mlp, without)
+    a, b = roundtrip(model, tmp_path)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="perceiver_patch_ff_mult"):
+        build_model("llama", perceiver_patch_ff_mult=-1)
+
+
 def test_save_load_with_lora_and_local_parts(tmp_path):
     lm = build_lm("qwen2", vocab_size=300)
     lm.save_pretrained(tmp_path / "lm_src")

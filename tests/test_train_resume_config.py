@@ -55,3 +55,22 @@ def test_conflicts_ignore_the_sections_of_other_stages():
     assert resume_conflicts(lm, load_config(None, ["stage=lm", "lm.block_size=64"])) == [
         "lm.block_size"]
     assert resume_conflicts(lm, load_config(None, ["stage=flamingo"])) == ["stage"]
+
+
+def test_resume_may_change_the_image_reliance_logging_but_not_what_trains():
+    """Diagnostics settings are logging; source weight schedules and per-group rates change
+    the run itself, and so does the resampler's shape."""
+    flamingo = load_config(None, ["stage=flamingo"])
+
+    def conflicts(*overrides):
+        return resume_conflicts(flamingo, load_config(None, ["stage=flamingo", *overrides]))
+
+    assert conflicts("logging.image_reliance_every=10", "logging.image_reliance_samples=8",
+                     "logging.image_reliance_warn_after=5",
+                     "logging.image_reliance_warn_below=0.1") == []
+    assert conflicts("flamingo.sources=[{name: docs, kind: interleaved, shards: d, weight: 1.0, "
+                     "weight_schedule: [{step: 100, weight: 2.0}]}]") == ["flamingo.sources"]
+    assert conflicts("optim.param_groups=[{match: _gate$, lr_scale: 10}]") == [
+        "optim.param_groups"]
+    assert "flamingo.model.perceiver_patch_ff_mult" in conflicts(
+        "flamingo.model={perceiver_patch_ff_mult: 2}")

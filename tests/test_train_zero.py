@@ -54,6 +54,12 @@ def test_zero_stage_trains_flamingo_and_keeps_frozen_weights(
 
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # The image-reliance diagnostics run under every stage (ZeRO-3: gathered gates).
+    measured = [r for r in read_metrics(run_dir) if "image_reliance" in r]
+    assert [r["step"] for r in measured] == [1, 3]
+    assert all(math.isfinite(r[k]) for r in measured for k in r
+               if k.startswith(("image_reliance", "gate_", "perceiver_spread")))
+    assert any(r["gate_attn_0"] != 0.0 for r in measured)
     assert before["frozen"], "the LM and vision tower should be frozen"
     for name, value in before["frozen"].items():
         assert torch.equal(value, after["frozen"][name]), f"frozen {name} changed"

@@ -95,7 +95,9 @@ def build_world(root: str) -> dict[str, str]:
     from_scratch.image_processor(IMAGE_SIZE).save_pretrained(vision_dir)
     return {"root": root, "corpus": corpus, "tokenizer": tokenizer_dir, "lm": lm_dir,
             "vision": vision_dir, "pairs": write_pairs(os.path.join(root, "pairs")),
-            "docs": write_docs(os.path.join(root, "docs"))}
+            "docs": write_docs(os.path.join(root, "docs")),
+            "heldout_pairs": write_pairs(os.path.join(root, "heldout", "pairs"), n=16, seed=1),
+            "heldout_docs": write_docs(os.path.join(root, "heldout", "docs"), n=8, seed=1)}
 
 
 def common_overrides(run_dir: str, steps: int) -> list[str]:
@@ -122,10 +124,13 @@ def stage_overrides(world: dict[str, str], stage: str) -> list[str]:
         sources = (f"[{{name: docs, kind: interleaved, shards: {world['docs']}, weight: 1.0, "
                    f"loss_weight: 1.0}}, {{name: pairs, kind: pairs, shards: {world['pairs']}, "
                    "weight: 0.5, loss_weight: 0.5}]")
+        heldout = (f"[{{name: pairs, kind: pairs, shards: {world['heldout_pairs']}}}, "
+                   f"{{name: docs, kind: interleaved, shards: {world['heldout_docs']}}}]")
         model = ("{cross_attn_every_n_layers: 1, perceiver_num_latents: 4, perceiver_depth: 1, "
                  "perceiver_heads: 2, perceiver_dim_head: 16, xattn_heads: 2, xattn_dim_head: 16}")
         return ["stage=flamingo", f"flamingo.lm={world['lm']}",
                 f"flamingo.vision={world['vision']}", f"flamingo.sources={sources}",
+                f"flamingo.heldout_sources={heldout}", "logging.image_reliance_samples=8",
                 f"flamingo.model={model}", "flamingo.max_length=48", "flamingo.max_images=2",
                 "optim.lr=3e-3"]
     raise ValueError(stage)

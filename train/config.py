@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,14 @@ class DeepSpeedSettings:
 
 
 @dataclass
+class ParamGroupRule:
+    """Parameters whose name matches the regular expression ``match`` train at ``lr * lr_scale``."""
+
+    match: str = ""
+    lr_scale: float = 1.0
+
+
+@dataclass
 class OptimSettings:
     """torch AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``."""
 
@@ -61,6 +70,10 @@ class OptimSettings:
     eps: float = 1e-8
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
+    # Per-parameter-group learning rates: a trainable parameter whose name matches ``match``
+    # (a regular expression, ``re.search``) trains at ``lr * lr_scale``; the first rule that
+    # matches wins. E.g. ``[{match: "_gate$", lr_scale: 10}]`` for the tanh gates.
+    param_groups: list[ParamGroupRule] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +97,15 @@ class LoggingSettings:
     # Peak FLOP/s of one device for the MFU estimate. 1e12 is a nominal figure for a CPU
     # socket; set e.g. 989e12 for an H100 in bf16.
     peak_flops: float = 1e12
+    # Flamingo stage: measure how much the model uses its images (train.diagnostics) on
+    # ``image_reliance_samples`` samples of ``flamingo.heldout_sources`` at step 1, every
+    # ``image_reliance_every`` steps and at the last step; 0 turns it off. A warning is logged
+    # when image reliance is still below ``image_reliance_warn_below`` nats/token at a
+    # measurement on or after step ``image_reliance_warn_after``.
+    image_reliance_every: int = 50
+    image_reliance_samples: int = 32
+    image_reliance_warn_after: int = 200
+    image_reliance_warn_below: float = 0.02
 
 
 @dataclass
@@ -150,8 +172,21 @@ class ContrastiveStage:
 
 
 @dataclass
+class WeightChange:
+    """After ``step`` optimizer steps (``step >= 1``), the source is sampled with ``weight``."""
+
+    step: int = 0
+    weight: float = 1.0
+
+
+@dataclass
 class SourceSettings:
-    """One training source; mirrors ``data_pipelines.loading.SourceConfig``."""
+    """One training source; mirrors ``data_pipelines.loading.SourceConfig``.
+
+    ``weight_schedule`` (optional) changes the sampling weight during training, e.g. image-text
+    pairs alone first and then the mix: ``weight: 0`` on the documents with
+    ``weight_schedule: [{step: 300, weight: 1.0}]``. Steps count optimizer steps.
+    """
 
     name: str = "docs"
     kind: str = "interleaved"
@@ -163,6 +198,7 @@ class SourceSettings:
     # `http(s)://`, `s3://`, `gs://`, ... fetch over the network (webdataset's openers).
     allow_pipe: bool = False
     allow_remote: bool = False
+    weight_schedule: list[WeightChange] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +207,9 @@ class FlamingoStage:
 
     lm: str = "runs/lm/final"
     vision: str = "runs/contrastive/final"
+    # Relative shard paths of ``sources`` and ``heldout_sources`` are taken relative to this
+    # directory ("" = the working directory), so one override moves a recipe to other data.
+    data_root: str = ""
     # Keyword arguments of ``flamingo_kit.FlamingoConfig``; checked against it at setup.
     model: dict[str, Any] = field(default_factory=dict)
     # A saved flamingo-kit model directory (save_pretrained, flamingo-convert) to continue
@@ -185,6 +224,12 @@ class FlamingoStage:
     packing: bool = True
     num_workers: int = 0
     sources: list[SourceSettings] = field(default_factory=lambda: [SourceSettings()])
+    # Data the run does not train on, for the image-reliance diagnostics (logging.image_*);
+    # shards shared with ``sources`` are refused. ``flamingo-data synth`` writes these.
+    heldout_sources: list[SourceSettings] = field(default_factory=lambda: [
+        SourceSettings(name="pairs", kind="pairs", shards="data/synth/heldout/pairs"),
+        SourceSettings(name="docs", kind="interleaved", shards="data/synth/heldout/interleaved"),
+    ])
 
 
 @dataclass
@@ -253,6 +298,54 @@ def _check_choices(cfg: TrainConfig) -> None:
     for key, value in positive:
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    _check_diagnostics(cfg)
+    _check_sources(cfg.flamingo.sources, "flamingo.sources")
+    _check_sources(cfg.flamingo.heldout_sources, "flamingo.heldout_sources")
+    for i, rule in enumerate(cfg.optim.param_groups):
+        key = f"optim.param_groups[{i}]"
+        try:
+            re.compile(rule.match)
+        except re.error as error:
+            raise ConfigError(f"config key '{key}.match' is not a regular expression: "
+                              f"{rule.match!r} ({error})") from None
+        if not rule.lr_scale > 0:
+            raise ConfigError(f"config key '{key}.lr_scale' must be > 0, got {rule.lr_scale}")
+
+
+def _check_diagnostics(cfg: TrainConfig) -> None:
+    log = cfg.logging
+    if log.image_reliance_every < 0:
+        raise ConfigError("config key 'logging.image_reliance_every' must be >= 0 (0 turns the "
+                          f"image-reliance diagnostics off), got {log.image_reliance_every}")
+    if log.image_reliance_samples < 2:
+        raise ConfigError("config key 'logging.image_reliance_samples' must be >= 2 (images "
+                          f"are permuted across samples), got {log.image_reliance_samples}")
+    if cfg.stage == "flamingo" and log.image_reliance_every and not cfg.flamingo.heldout_sources:
+        raise ConfigError(
+            "config key 'flamingo.heldout_sources' is empty but logging.image_reliance_every="
+            f"{log.image_reliance_every}: name held-out shards the run does not train on "
+            "(flamingo-data synth writes DIR/heldout/{pairs,interleaved}), or set "
+            "logging.image_reliance_every=0 to turn the image-reliance diagnostics off")
+
+
+def _check_sources(sources: list[SourceSettings], key: str) -> None:
+    """Weights >= 0, schedules in increasing steps, never every source at weight 0."""
+    changes = sorted({c.step for s in sources for c in s.weight_schedule} | {0})
+    for i, source in enumerate(sources):
+        steps = [c.step for c in source.weight_schedule]
+        weights = [source.weight] + [c.weight for c in source.weight_schedule]
+        if min(weights) < 0:
+            raise ConfigError(f"config key '{key}[{i}]' ({source.name}): weights must be >= 0, "
+                              f"got {weights}")
+        if steps != sorted(set(steps)) or (steps and steps[0] < 1):
+            raise ConfigError(f"config key '{key}[{i}].weight_schedule' ({source.name}): steps "
+                              f"must be >= 1 and strictly increasing, got {steps}")
+    for step in changes:
+        weights = [([s.weight] + [c.weight for c in s.weight_schedule if c.step <= step])[-1]
+                   for s in sources]
+        if sources and not any(w > 0 for w in weights):
+            raise ConfigError(f"config key '{key}': every source has weight 0 at step {step}; "
+                              "give at least one source a positive weight there")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -44,20 +46,37 @@ def deepspeed_config(settings: DeepSpeedSettings) -> dict[str, Any]:
     return deep_merge(config, dict(settings.extra))
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into decayed matrices and undecayed vectors/scalars.
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                     rules: Sequence[tuple[str, float]] = ()) -> list[dict[str, Any]]:
+    """Trainable parameters split into decayed matrices and undecayed vectors/scalars, per rate.
 
     Decay on biases, norm gains, gates and temperatures would pull them towards 0, which for
     gates (init 0) and norms (init 1) is not regularisation but a bias; only matrices decay.
+    ``rules`` are ``(regex, lr_scale)``: a parameter whose name matches a rule's pattern
+    (``re.search``; the first match wins) trains at ``lr * lr_scale``. The groups at the base
+    rate come first, so the first group's rate is the run's nominal rate.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters; nothing to train")
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    patterns = [(re.compile(pattern), scale) for pattern, scale in rules]
+    for pattern, _ in patterns:
+        if not any(pattern.search(n) for n, _ in named):
+            raise ValueError(f"optim.param_groups: {pattern.pattern!r} matches no trainable "
+                             f"parameter; names look like {named[0][0]!r}")
+
+    def scale_of(name: str) -> float:
+        return next((scale for pattern, scale in patterns if pattern.search(name)), 1.0)
+
+    scales = sorted({scale_of(n) for n, _ in named}, key=lambda x: (x != 1.0, x))
+    groups = []
+    for scale in scales:
+        for decayed in (True, False):
+            params = [p for n, p in named if scale_of(n) == scale and (p.ndim >= 2) == decayed]
+            if params:
+                groups.append({"params": params, "lr": lr * scale,
+                               "weight_decay": weight_decay if decayed else 0.0})
+    return groups
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -85,8 +104,9 @@ def build_engine(
 
     from train.safe_load import use_weights_only_loading
 
+    rules = [(rule.match, rule.lr_scale) for rule in optim.param_groups]
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, optim.weight_decay),
+        parameter_groups(model, optim.weight_decay, optim.lr, rules),
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,

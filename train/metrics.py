@@ -54,6 +54,7 @@ class MetricsLogger:
                  progress: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self._bar = self._tb = self._file = None
+        self._image_reliance = None  # the latest measured value, shown in the progress bar
         self._total = total_steps
         self._line_every = self._last_line = 0  # plain progress lines: interval, last step
         if not enabled:
@@ -89,19 +90,25 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(f"train/{key}", value, step)
+        self._image_reliance = metrics.get("image_reliance", self._image_reliance)
         if self._bar is not None:
             self._bar.n = step
+            extra = ({} if self._image_reliance is None
+                     else {"img_rel": f"{self._image_reliance:.3f}"})
             self._bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                tok_s=f"{metrics['tokens_per_s']:.0f}", skipped=metrics["skipped"], refresh=False,
+                tok_s=f"{metrics['tokens_per_s']:.0f}", skipped=metrics["skipped"], **extra,
+                refresh=False,
             )
             self._bar.refresh()
         elif self._line_every and (step - self._last_line >= self._line_every
                                    or step == self._total):
             self._last_line = step
+            reliance = ("" if self._image_reliance is None
+                        else f" image reliance {self._image_reliance:.3f}")
             print(f"train step {step}/{self._total} loss {metrics['loss']:.4f} "
                   f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f} "
-                  f"skipped {metrics['skipped']}", flush=True)
+                  f"skipped {metrics['skipped']}{reliance}", flush=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Record something that is not a step (NaN loss, checkpoint, resume, export)."""

@@ -30,7 +30,7 @@ from train.distributed import (
 )
 from train.engine import build_engine, enable_activation_checkpointing
 from train.metrics import MetricsLogger, count_parameters, drop_records_after, step_flops
-from train.stages import StageParts, build_stage
+from train.stages import StageParts, build_stage, float_dtype, to_device
 
 FINAL_DIR = "final"
 
@@ -52,6 +52,7 @@ class Session:
     n_frozen: int
     step: int = 0
     nonfinite: int = 0
+    warned_images_ignored: bool = False
     data_iter: Any = field(default=None, repr=False)
 
 
@@ -106,13 +107,6 @@ def setup(cfg: TrainConfig) -> Session:
                    nonfinite=nonfinite, data_iter=iter(parts.loader))
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device,
-               float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Move a batch to the engine's device; floating tensors take the engine's dtype."""
-    return {k: v.to(device, dtype=float_dtype if v.is_floating_point() else None)
-            for k, v in batch.items()}
-
-
 def _is_finite_on_all_ranks(loss: torch.Tensor) -> bool:
     """True iff every rank's loss is finite (one collective, so all ranks decide alike)."""
     bad = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
@@ -133,14 +127,14 @@ def train_step(s: Session) -> dict[str, Any]:
     the accumulated gradient before clipping (see :func:`_grad_norm`).
     """
     cfg, engine = s.cfg, s.engine
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    dtype = float_dtype(cfg.deepspeed.precision)
     loss_sum, tokens, crc, done = 0.0, 0, 0, 0
     own_norm = None
     lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside step()
     start = time.perf_counter()
     while done < cfg.deepspeed.grad_accum:
         host_batch = next(s.data_iter)
-        batch = _to_device(host_batch, engine.device, dtype)
+        batch = to_device(host_batch, engine.device, dtype)
         loss = s.parts.loss(engine, batch)
         if not _is_finite_on_all_ranks(loss):
             s.nonfinite += 1
@@ -231,13 +225,42 @@ def save_checkpoint(s: Session) -> str:
     return path
 
 
+def diagnose(s: Session) -> dict[str, float]:
+    """The stage's held-out diagnostics when due (step 1, every N steps, the last step).
+
+    Logs one warning per run when image reliance is still below
+    ``logging.image_reliance_warn_below`` at or after ``logging.image_reliance_warn_after``.
+    """
+    log, step = s.cfg.logging, s.step
+    every = log.image_reliance_every
+    if s.parts.diagnose is None or not every:
+        return {}
+    if not (step == 1 or step % every == 0 or step == s.cfg.steps):
+        return {}
+    values = s.parts.diagnose(s.engine)
+    reliance = values.get("image_reliance")
+    if (reliance is not None and step >= log.image_reliance_warn_after
+            and reliance < log.image_reliance_warn_below and not s.warned_images_ignored):
+        s.warned_images_ignored = True
+        s.logger.event(
+            "warning_images_ignored", step=step, image_reliance=round(reliance, 5),
+            message=(f"WARNING: image reliance is {reliance:.4f} nats/token after {step} steps "
+                     f"(below {log.image_reliance_warn_below}): the model's predictions barely "
+                     "depend on its images, so the falling loss comes from text alone. Put "
+                     "image-text pairs first (flamingo.sources[].weight_schedule), raise the "
+                     "rate of the gates (optim.param_groups) or lower optim.lr."))
+    return values
+
+
 def train(s: Session) -> None:
     """Run optimizer steps until ``cfg.steps``, logging and checkpointing on schedule."""
     cfg = s.cfg
     metrics = None
     while s.step < cfg.steps:
         metrics = train_step(s)
-        if s.step % cfg.logging.every == 0 or s.step == cfg.steps:
+        measured = diagnose(s)
+        metrics.update(measured)
+        if s.step % cfg.logging.every == 0 or s.step == cfg.steps or measured:
             s.logger.log_step(s.step, metrics)
         if s.step % cfg.checkpoint.every == 0 or s.step == cfg.steps:
             save_checkpoint(s)

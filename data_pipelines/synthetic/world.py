@@ -1,9 +1,11 @@
 """Write the whole synthetic world for a seed: corpus, pair shards, document shards, eval sets.
 
 Layout under ``out`` (see the shared formats): ``corpus.txt``, ``pairs/pairs-*.tar``,
-``interleaved/docs-*.tar``, ``eval/{captioning,vqa,classification,label_binding}/`` and a
-``world.json`` summary. Each part draws from its own seeded RNG, and all images come from one
-uniqueness registry, so the output is a pure function of the arguments and no image repeats.
+``interleaved/docs-*.tar``, ``eval/{captioning,vqa,classification,label_binding}/``,
+``heldout/{pairs,interleaved}/`` (the same kinds of training data, never trained on: the
+trainer's image-reliance diagnostics read them) and a ``world.json`` summary. Each part
+draws from its own seeded RNG, and all images come from one uniqueness registry, so the output
+is a pure function of the arguments and no image repeats.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class WorldConfig:
     n_corpus: int = 80000  # text lines; enough that LM pretraining never repeats an episode
     n_eval: int = 100  # images per eval split (train and test) for each task
     n_episodes: int = 20  # label-binding episodes
+    n_heldout: int = 64  # held-out pairs and held-out documents (each) for diagnostics
     image_size: int = 64
     shard_size: int = 250
 
     def __post_init__(self):
-        for name in ("n_pairs", "n_docs", "n_corpus", "n_eval", "n_episodes"):
+        for name in ("n_pairs", "n_docs", "n_corpus", "n_eval", "n_episodes", "n_heldout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.image_size < 16:
@@ -84,10 +87,18 @@ def synthesize(out: str, config: WorldConfig | None = None) -> dict:
                               os.path.join(out, "interleaved"), "docs", config.shard_size)
     eval_images = write_eval_sets(os.path.join(out, "eval"), images, config.seed, config.n_eval,
                                   config.n_episodes)
+    # Written last so the parts above stay what they were before held-out data existed.
+    heldout_shards = write_shards(_pairs(rng("heldout/pairs"), images, config.n_heldout),
+                                  os.path.join(out, "heldout", "pairs"), "pairs",
+                                  config.shard_size)
+    heldout_shards += write_shards(
+        _documents(rng("heldout/docs"), images, config.n_heldout, {}),
+        os.path.join(out, "heldout", "interleaved"), "docs", config.shard_size)
     summary = {
         "config": asdict(config),
         "pair_shards": [os.path.relpath(p, out) for p in pair_shards],
         "doc_shards": [os.path.relpath(p, out) for p in doc_shards],
+        "heldout_shards": [os.path.relpath(p, out) for p in heldout_shards],
         "doc_kinds": dict(sorted(kinds.items())),
         "eval_images": eval_images,
     }

@@ -28,7 +28,8 @@ class StageParts:
     ``skipped()`` and ``truncated()``); ``loss(model, batch)`` runs the (DeepSpeed-wrapped) model
     and returns a scalar; ``export(module, directory)`` writes the final artefact on rank 0 with
     all weights gathered; ``count_tokens(batch)`` feeds throughput and MFU; ``setup_info`` goes
-    into the run's ``setup`` event (e.g. whether batches are packed).
+    into the run's ``setup`` event (e.g. whether batches are packed). ``diagnose(engine)``, when a
+    stage has one, returns named floats measured on held-out data (every rank calls it).
     """
 
     model: torch.nn.Module
@@ -37,6 +38,18 @@ class StageParts:
     export: Callable[[torch.nn.Module, str], None]
     count_tokens: Callable[[Batch], int]
     setup_info: dict[str, Any] = field(default_factory=dict)
+    diagnose: Callable[[Any], dict[str, float]] | None = None
+
+
+def float_dtype(precision: str) -> torch.dtype:
+    """The dtype of floating batch tensors under ``deepspeed.precision``."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def to_device(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
+    """Move a batch to ``device``; floating tensors take ``dtype``."""
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None)
+            for k, v in batch.items()}
 
 
 def count_attended_tokens(batch: Batch) -> int:
