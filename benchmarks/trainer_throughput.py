@@ -123,7 +123,7 @@ def trainer_config(root: str, shape: MatchedShape, args, packing: bool):
     return load_config(None, [
         "stage=flamingo", f"run_dir={root}/run-{'packed' if packing else 'unpacked'}",
         f"seed={args.seed}", "steps=1000000", "logging.progress=false",
-        "logging.tensorboard=false", "checkpoint.every=1000000",
+        "logging.tensorboard=false", "logging.image_reliance_every=0", "checkpoint.every=1000000",
         f"deepspeed.precision={'bf16' if args.dtype == 'bf16' else 'fp32'}",
         f"deepspeed.micro_batch_size={batch}", "optim.warmup_steps=1",
         f"flamingo.lm={root}/lm", f"flamingo.vision={root}/vision", f"flamingo.model={model}",
