@@ -30,6 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from flamingo_kit import from_scratch  # noqa: E402 (after the offline settings)
 from flamingo_kit.from_scratch import seed_everything  # noqa: E402
+from train.stages import to_device  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -267,13 +268,6 @@ def model_inputs(model_kind: str, input_ids: torch.Tensor, pixels: torch.Tensor,
     else:
         raise ValueError(f"model_kind must be 'ours' or 'idefics', got {model_kind!r}")
     return batch
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device,
-              dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Move a batch; floating tensors (pixels) take the model dtype."""
-    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-            for k, v in batch.items()}
 
 
 def matched_inputs(rt: Runtime, input_ids: torch.Tensor,
