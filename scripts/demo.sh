@@ -30,6 +30,8 @@ step "3/5 contrastive vision pretraining (configs/contrastive.yaml)"
 "$PY" -m train --config configs/contrastive.yaml run_dir="$RUNS/contrastive" \
     contrastive.shards="$DATA/pairs" contrastive.tokenizer="$RUNS/lm/final" \
     ${STEPS_VISION:+steps=$STEPS_VISION}
+echo "What the vision tower encodes: a linear probe of its features on shape-labelled images"
+"$PY" -m train.probe_vision "$RUNS/contrastive/final" --data "$DATA/eval/classification"
 
 step "4/5 Flamingo training through the DeepSpeed engine (configs/flamingo.yaml)"
 "$PY" -m train --config configs/flamingo.yaml run_dir="$RUNS/flamingo" \

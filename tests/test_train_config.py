@@ -34,6 +34,12 @@ def test_bad_key_or_value_names_the_key(override, needle):
         load_config(None, [override])
 
 
+def test_unparsable_override_value_names_the_override():
+    override = r'optim.param_groups=[{match: "^vision\.", lr_scale: 0.1}]'
+    with pytest.raises(ConfigError, match=r"optim\.param_groups=.*not valid YAML"):
+        load_config(None, [override])
+
+
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["optim.lrate=1"])

@@ -368,7 +368,13 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        layers.append(("command-line override", OmegaConf.from_dotlist(list(overrides))))
+        for override in overrides:
+            try:
+                layers.append((f"override {override!r}", OmegaConf.from_dotlist([override])))
+            except yaml.YAMLError as error:
+                raise ConfigError(f"override {override}: the value is not valid YAML "
+                                  f"({str(error).splitlines()[0]}; quote strings holding "
+                                  "backslashes with single quotes)") from None
     for origin, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
