@@ -167,6 +167,12 @@ def lm_context_length(config: PretrainedConfig) -> int | None:
     return None
 
 
+def has_class_token(tower: PreTrainedModel) -> bool:
+    """Whether the tower's ``last_hidden_state`` starts with a class token (CLIP: yes, SigLIP: no)."""
+    body = getattr(tower, "vision_model", tower)
+    return hasattr(getattr(body, "embeddings", None), "class_embedding")
+
+
 class VisionEncoder(nn.Module):
     """Frozen-by-default vision tower: ``[M, F, C, H, W]`` images -> ``[M, F, P, D]`` patches.
 
@@ -191,7 +197,7 @@ class VisionEncoder(nn.Module):
                 f"vision_features='post_layernorm' needs a CLIP tower (its last_hidden_state is "
                 f"taken before post_layernorm); got {type(tower).__name__}"
             )
-        if drop_cls and not hasattr(getattr(body, "embeddings", None), "class_embedding"):
+        if drop_cls and not has_class_token(tower):
             raise ValueError(f"vision_drop_cls=True but {type(tower).__name__} has no class token")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,10 @@ class ProbeResult:
 def tower_features(tower, processor, paths: list[str], batch_size: int = 64
                    ) -> dict[str, torch.Tensor]:
     """``{"patch_mean": [N, D], "pooled": [N, D]}`` of the images at ``paths``."""
+    from flamingo_kit.backbones import has_class_token
+
+    first_patch = 1 if has_class_token(tower) else 0
+    dtype = next(tower.parameters()).dtype
     out: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURES}
     for start in range(0, len(paths), batch_size):
         images = []
@@ -51,10 +55,8 @@ def tower_features(tower, processor, paths: list[str], batch_size: int = 64
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        result = tower(pixel_values=pixels.to(next(tower.parameters()).dtype))
-        body = getattr(tower, "vision_model", tower)
-        has_cls = hasattr(getattr(body, "embeddings", None), "class_embedding")
-        patches = result.last_hidden_state[:, 1:] if has_cls else result.last_hidden_state
+        result = tower(pixel_values=pixels.to(dtype))
+        patches = result.last_hidden_state[:, first_patch:]
         out["patch_mean"].append(patches.float().mean(1))
         out["pooled"].append(result.pooler_output.float().flatten(1))
     return {name: torch.cat(parts) for name, parts in out.items()}
@@ -136,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    torch.manual_seed(0)
     try:
         result = probe(args.tower, args.data, args.steps)
     except (OSError, ValueError) as error:
