@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPVisionModel, SiglipVisionModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from data_pipelines.loading import SourceConfig, build_loader
-from flamingo_kit.backbones import require_local_dir
+from flamingo_kit.backbones import pooled_features, require_local_dir, vision_width
+from flamingo_kit.from_scratch import VISION_KINDS, vision_config
 from flamingo_kit.from_scratch import image_processor as make_image_processor
-from flamingo_kit.from_scratch import vision_config
 from flamingo_kit.processing import add_flamingo_tokens
 from train.config import ContrastiveStage, TrainConfig
 from train.distributed import DistInfo
@@ -26,8 +26,6 @@ from train.losses import (
     siglip_loss,
 )
 from train.stages import Batch, StageParts, count_attended_tokens
-
-VISION_CLASSES = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
 
 
 class DualEncoder(nn.Module):
@@ -42,7 +40,7 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.vision = vision
         self.text = text
-        self.vision_proj = nn.Linear(vision.config.hidden_size, embed_dim, bias=False)
+        self.vision_proj = nn.Linear(vision_width(vision.config), embed_dim, bias=False)
         self.text_proj = nn.Linear(text.config.hidden_size, embed_dim, bias=False)
         self.loss_name = loss
         init_scale = CLIP_INIT_LOG_SCALE if loss == "clip" else SIGLIP_INIT_LOG_SCALE
@@ -53,7 +51,7 @@ class DualEncoder(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, embed_dim]`` (pooled tower output, projected)."""
-        return self.vision_proj(self.vision(pixel_values=pixel_values).pooler_output)
+        return self.vision_proj(pooled_features(self.vision(pixel_values=pixel_values)))
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` -> ``[B, embed_dim]`` (mean of caption-token states, projected)."""
@@ -75,9 +73,9 @@ class DualEncoder(nn.Module):
 
 def build_dual_encoder(stage: ContrastiveStage, vocab_size: int,
                        media_token_ids: tuple[int, int], pad_token_id: int) -> DualEncoder:
-    """Randomly initialised vision tower (clip/siglip) and CLIP text tower of the given shapes."""
+    """Randomly initialised vision tower (clip/siglip/bit) and CLIP text tower of the given shapes."""
     v = stage.vision
-    vision = VISION_CLASSES[v.kind](vision_config(
+    vision = VISION_KINDS[v.kind](vision_config(
         v.kind, image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
         num_layers=v.num_layers, num_heads=v.num_heads))
     t = stage.text
