@@ -573,3 +573,17 @@ def test_convnet_tower_gives_its_feature_map_cells_as_patch_tokens(tmp_path):
     with torch.no_grad():
         c = model(input_ids=ids_with_images([2, 9]), pixel_values=images_changed).logits
     assert (a - c).abs().max() > 1e-3  # the images reach the LM through the convnet
+
+
+def test_any_hf_convnet_is_a_tower():
+    """A batch-norm ResNet (frozen, so in eval mode) gives its feature map's cells too."""
+    from transformers import ResNetConfig, ResNetModel
+
+    from flamingo_kit.backbones import VisionEncoder
+
+    torch.manual_seed(0)
+    resnet = ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1],
+                                      layer_type="basic")).eval()
+    with torch.no_grad():
+        tokens = VisionEncoder(resnet)(torch.randn(2, 1, 3, 32, 32))
+    assert tokens.shape == (2, 1, 16, 24)  # 32 px / stride 8 -> 4x4 cells of width 24

@@ -41,14 +41,17 @@ def test_lm_stage_learns_and_exports_hf_dir(world, single_process, tmp_path):  #
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-@pytest.mark.parametrize("loss, kind", [("clip", "clip"), ("siglip", "siglip"), ("clip", "bit")])
+@pytest.mark.parametrize("loss, kind, negatives", [
+    ("clip", "clip", "[]"), ("siglip", "siglip", "[[a, is]]"),
+    ("clip", "bit", "[[a, is]]")])  # the tiny tokenizer has few whole words
 def test_contrastive_stage_learns_and_exports_vision_tower(
-    world, single_process, tmp_path, loss, kind  # noqa: F811
+    world, single_process, tmp_path, loss, kind, negatives  # noqa: F811
 ):
     run_dir = str(tmp_path / loss)
     overrides = common_overrides(run_dir, 30) + stage_overrides(world, "contrastive")
     final = run(load_config(None, overrides + [f"contrastive.loss={loss}",
                                                f"contrastive.vision.kind={kind}",
+                                               f"contrastive.hard_negative_words={negatives}",
                                                "deepspeed.micro_batch_size=8"]))
     _assert_decreases(_losses(run_dir), window=5, margin=0.1)
     vision = AutoModel.from_pretrained(final)

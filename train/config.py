@@ -168,6 +168,9 @@ class ContrastiveStage:
     embed_dim: int = 64
     max_length: int = 32
     num_workers: int = 0
+    # Word groups for hard negatives (train.hard_negatives): every caption also enters the
+    # image->text softmax with one word of a group swapped for another of the same group.
+    hard_negative_words: list[list[str]] = field(default_factory=list)
     vision: VisionShape = field(default_factory=VisionShape)
     text: TextTowerShape = field(default_factory=TextTowerShape)
 
