@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from eval_fewshot.prompts import Prompt
-from flamingo_kit.backbones import lm_context_length
+from flamingo_kit.backbones import lm_context_length, pooled_features
 from flamingo_kit.batching import collate
 from flamingo_kit.processing import IMAGE_TOKEN
 
@@ -208,8 +208,7 @@ class FewShotModel:
         tower = self.model.vision.tower
         dtype = next(tower.parameters()).dtype
         out = tower(pixel_values=self.pixels(paths).to(self.device, dtype))
-        pooled = getattr(out, "pooler_output", None)
-        return (pooled if pooled is not None else out.last_hidden_state.mean(1)).float().cpu()
+        return pooled_features(out).float().cpu()
 
     def embedder_name(self) -> str:
         """A fingerprint of the vision tower and image transform (names the RICES cache)."""

@@ -173,13 +173,37 @@ def has_class_token(tower: PreTrainedModel) -> bool:
     return hasattr(getattr(body, "embeddings", None), "class_embedding")
 
 
+def vision_width(config: PretrainedConfig) -> int:
+    """The channel width of a tower's patch tokens: ``hidden_size`` of a ViT (CLIP, SigLIP), the
+    last stage's width of a convnet (BiT, ResNet, ConvNeXt); a composite config's vision part."""
+    config = getattr(config, "vision_config", None) or config
+    widths = getattr(config, "hidden_sizes", None)
+    return int(widths[-1]) if widths else int(config.hidden_size)
+
+
+def patch_tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """A tower's ``last_hidden_state`` as tokens ``[B, P, D]``: a ViT's as is, a convnet's
+    feature map ``[B, D, h, w]`` as its ``h * w`` cells in row-major order."""
+    return hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden
+
+
+def pooled_features(output: Any) -> torch.Tensor:
+    """A tower output's one vector per image ``[B, D]``: its ``pooler_output`` (a convnet's
+    ``[B, D, 1, 1]`` flattened), else the mean of its patch tokens."""
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is not None:
+        return pooled.flatten(1)
+    return patch_tokens(output.last_hidden_state).mean(1)
+
+
 class VisionEncoder(nn.Module):
     """Frozen-by-default vision tower: ``[M, F, C, H, W]`` images -> ``[M, F, P, D]`` patches.
 
     ``features="last_hidden_state"`` takes the tower's output as is (for CLIP: before its final
     LayerNorm, for SigLIP: after it); ``"post_layernorm"`` passes a CLIP tower's output through
     its ``post_layernorm`` (what open_clip >= 2.23 returns as tokens). ``drop_cls`` removes the
-    class token (OpenFlamingo resamples patch tokens only).
+    class token (OpenFlamingo resamples patch tokens only). A convnet tower's patch tokens are
+    the cells of its last feature map (:func:`patch_tokens`).
     """
 
     def __init__(self, tower: PreTrainedModel, features: str = "last_hidden_state",
@@ -187,7 +211,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.tower = tower
         config = getattr(tower.config, "vision_config", None) or tower.config
-        self.hidden_size = config.hidden_size
+        self.hidden_size = vision_width(config)
         self.features, self.drop_cls = features, drop_cls
         body = getattr(tower, "vision_model", tower)
         if features == "post_layernorm" and not (
@@ -206,7 +230,7 @@ class VisionEncoder(nn.Module):
         trainable = any(p.requires_grad for p in self.tower.parameters())
         dtype = next(self.tower.parameters()).dtype
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            out = self.tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state
+            out = patch_tokens(self.tower(pixel_values=images.flatten(0, 1).to(dtype)).last_hidden_state)
             if self.features == "post_layernorm":
                 out = getattr(self.tower, "vision_model", self.tower).post_layernorm(out)
         if self.drop_cls:

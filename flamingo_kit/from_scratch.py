@@ -12,6 +12,7 @@ Python, numpy and torch (the trainer's and the benchmarks').
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    BitConfig,
+    BitModel,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -88,9 +91,24 @@ def build_lm(family: str = "llama", seed: int = 0, **shape) -> PreTrainedModel:
     return model.eval()
 
 
+VISION_KINDS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "bit": BitModel}
+
+
 def vision_config(kind: str = "clip", image_size: int = 32, patch_size: int = 8,
                   hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4) -> PretrainedConfig:
-    """A CLIP or SigLIP vision-tower config of the given shape."""
+    """A vision-tower config of the given shape: a CLIP or SigLIP ViT, or a BiT convnet.
+
+    ``bit`` is a pre-activation ResNet with group norm and weight-standardised convolutions
+    (no batch norm, so it behaves the same frozen as in training, like Flamingo's NFNet):
+    ``num_layers`` residual stages of one block each, widths doubling up to ``hidden_size``;
+    its patch tokens are the cells of the last feature map, ``image_size / (4 * 2**(num_layers
+    - 1))`` on a side. ``patch_size`` and ``num_heads`` apply to the ViTs only.
+    """
+    if kind == "bit":
+        widths = [max(8, hidden_size >> (num_layers - 1 - i)) for i in range(num_layers)]
+        return BitConfig(embedding_size=widths[0], hidden_sizes=widths, depths=[1] * num_layers,
+                         layer_type="preactivation", num_groups=math.gcd(8, *widths),
+                         global_padding="SAME")
     kw = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
               num_hidden_layers=num_layers, num_attention_heads=num_heads,
               intermediate_size=4 * hidden_size)
@@ -99,17 +117,16 @@ def vision_config(kind: str = "clip", image_size: int = 32, patch_size: int = 8,
     elif kind == "siglip":
         config = SiglipVisionConfig(**kw)
     else:
-        raise ValueError(f"unknown vision kind {kind!r}; known: clip, siglip")
+        raise ValueError(f"unknown vision kind {kind!r}; known: {', '.join(VISION_KINDS)}")
     config._attn_implementation = "sdpa"
     return config
 
 
 def build_vision(kind: str = "clip", seed: int = 0, **shape) -> PreTrainedModel:
-    """A randomly initialised CLIP/SigLIP vision tower (eval mode) from :func:`vision_config`."""
-    torch.manual_seed(seed)
+    """A randomly initialised vision tower (eval mode) of ``kind`` from :func:`vision_config`."""
     config = vision_config(kind, **shape)
-    cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
-    return cls(config).eval()
+    torch.manual_seed(seed)
+    return VISION_KINDS[kind](config).eval()
 
 
 def image_processor(image_size: int = 32) -> CLIPImageProcessorPil:

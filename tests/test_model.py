@@ -542,3 +542,48 @@ def test_openflamingo_vision_options():
         VisionEncoder(siglip, "post_layernorm")
     with pytest.raises(ValueError, match="has no class token"):
         VisionEncoder(siglip, drop_cls=True)
+
+
+def test_convnet_tower_gives_its_feature_map_cells_as_patch_tokens(tmp_path):
+    """A BiT tower (group norm, no batch norm): patch tokens are the cells of its last feature
+    map in row-major order, its output does not depend on train/eval mode (it is a usable
+    frozen encoder), and a Flamingo model on it saves and loads to identical logits."""
+    from flamingo_kit import FlamingoConfig
+    from flamingo_kit.backbones import VisionEncoder, pooled_features
+
+    tower = randomize_all(build_vision("bit", hidden_size=32, num_layers=2), 1)
+    encoder = VisionEncoder(tower)
+    assert encoder.hidden_size == 32
+    images = torch.randn(2, 1, 3, 32, 32)
+    with torch.no_grad():
+        tokens = encoder(images)
+        feature_map = tower(pixel_values=images[:, 0]).last_hidden_state  # [2, 32, 4, 4]
+        assert tokens.shape == (2, 1, 16, 32)
+        assert torch.equal(tokens[1, 0, 2 * 4 + 3], feature_map[1, :, 2, 3])
+        assert pooled_features(tower(pixel_values=images[:, 0])).shape == (2, 32)
+        tower.train()
+        assert torch.allclose(encoder(images), tokens, atol=1e-6)
+    tower.eval()
+    model = FlamingoModel.from_parts(build_lm("llama", vocab_size=300), tower,
+                                     FlamingoConfig(**TINY_FLAMINGO))
+    randomize_all(model, 2)
+    a, b = roundtrip(model, tmp_path)
+    assert torch.equal(a, b)
+    images_changed = torch.randn(2, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        c = model(input_ids=ids_with_images([2, 9]), pixel_values=images_changed).logits
+    assert (a - c).abs().max() > 1e-3  # the images reach the LM through the convnet
+
+
+def test_any_hf_convnet_is_a_tower():
+    """A batch-norm ResNet (frozen, so in eval mode) gives its feature map's cells too."""
+    from transformers import ResNetConfig, ResNetModel
+
+    from flamingo_kit.backbones import VisionEncoder
+
+    torch.manual_seed(0)
+    resnet = ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1],
+                                      layer_type="basic")).eval()
+    with torch.no_grad():
+        tokens = VisionEncoder(resnet)(torch.randn(2, 1, 3, 32, 32))
+    assert tokens.shape == (2, 1, 16, 24)  # 32 px / stride 8 -> 4x4 cells of width 24

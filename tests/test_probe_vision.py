@@ -10,6 +10,7 @@ import torch
 
 from data_pipelines.synthetic.evalsets import write_classification
 from data_pipelines.synthetic.scenes import UniqueImages
+from flamingo_kit import from_scratch
 from train import probe_vision
 
 
@@ -56,3 +57,12 @@ def test_cli_probes_a_saved_tower_on_a_classification_set(world, shapes_set, cap
 def test_cli_names_a_missing_file(world, tmp_path, capsys):
     assert probe_vision.main([world["vision"], "--data", str(tmp_path)]) == 2
     assert "classes.json" in capsys.readouterr().err
+
+
+def test_cli_probes_a_convnet_tower(shapes_set, tmp_path, capsys):
+    tower_dir = str(tmp_path / "bit")
+    from_scratch.build_vision("bit", hidden_size=32, num_layers=2).save_pretrained(tower_dir)
+    from_scratch.image_processor(32).save_pretrained(tower_dir)
+    assert probe_vision.main([tower_dir, "--data", shapes_set, "--steps", "50", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["test_accuracy"]) == set(probe_vision.FEATURES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -65,3 +66,32 @@ def test_siglip_gradients_reach_temperature_and_bias():
     bias = torch.tensor([-10.0], requires_grad=True)
     siglip_loss(torch.randn(3, 4), torch.randn(3, 4), log_scale, bias).backward()
     assert log_scale.grad.abs().item() > 0 and bias.grad.abs().item() > 0
+
+
+def test_clip_hard_negatives_join_the_image_to_text_softmax():
+    """Each extra text is one more wrong column for every image; masked ones count for nothing."""
+    torch.manual_seed(0)
+    images, texts, negatives = torch.randn(3, 8), torch.randn(3, 8), torch.randn(2, 8)
+    log_scale = torch.tensor([math.log(10.0)])
+    norm = partial(F.normalize, dim=-1)
+    logits = 10.0 * norm(images) @ norm(torch.cat([texts, negatives])).t()
+    target = torch.arange(3)
+    expected = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :3].t(), target)) / 2
+    got = clip_loss(images, texts, log_scale, negatives, torch.tensor([True, True]))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    masked = clip_loss(images, texts, log_scale, negatives, torch.tensor([False, False]))
+    assert masked.item() == pytest.approx(clip_loss(images, texts, log_scale).item(), rel=1e-6)
+    assert got.item() > masked.item()
+
+
+def test_siglip_hard_negatives_are_extra_negative_pairs():
+    torch.manual_seed(0)
+    images, texts, negatives = torch.randn(2, 4), torch.randn(2, 4), torch.randn(1, 4)
+    log_scale, bias = torch.tensor([math.log(10.0)]), torch.tensor([-2.0])
+    extra = 10.0 * F.normalize(images, dim=-1) @ F.normalize(negatives, dim=-1).t() - 2.0
+    base = siglip_loss(images, texts, log_scale, bias)
+    got = siglip_loss(images, texts, log_scale, bias, negatives, torch.tensor([True]))
+    assert got.item() == pytest.approx(base.item() - F.logsigmoid(-extra).sum().item() / 2,
+                                       rel=1e-6)
+    masked = siglip_loss(images, texts, log_scale, bias, negatives, torch.tensor([False]))
+    assert masked.item() == pytest.approx(base.item(), rel=1e-6)

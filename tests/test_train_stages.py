@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from flamingo_kit import FlamingoModel, FlamingoProcessor
@@ -40,18 +41,25 @@ def test_lm_stage_learns_and_exports_hf_dir(world, single_process, tmp_path):  #
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("loss, kind, negatives", [
+    ("clip", "clip", "[]"), ("siglip", "siglip", "[[a, is]]"),
+    ("clip", "bit", "[[a, is]]")])  # the tiny tokenizer has few whole words
 def test_contrastive_stage_learns_and_exports_vision_tower(
-    world, single_process, tmp_path, loss  # noqa: F811
+    world, single_process, tmp_path, loss, kind, negatives  # noqa: F811
 ):
     run_dir = str(tmp_path / loss)
     overrides = common_overrides(run_dir, 30) + stage_overrides(world, "contrastive")
     final = run(load_config(None, overrides + [f"contrastive.loss={loss}",
+                                               f"contrastive.vision.kind={kind}",
+                                               f"contrastive.hard_negative_words={negatives}",
                                                "deepspeed.micro_batch_size=8"]))
     _assert_decreases(_losses(run_dir), window=5, margin=0.1)
     vision = AutoModel.from_pretrained(final)
+    assert vision.config.model_type == kind + ("_vision_model" if kind != "bit" else "")
     processor = AutoImageProcessor.from_pretrained(final, backend="pil")
-    assert vision.config.image_size == processor.crop_size["height"] == 32
+    assert processor.crop_size["height"] == 32
+    pixels = processor(images=[Image.new("RGB", (40, 40))], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(vision(pixel_values=pixels)[0]).all()
 
 
 @pytest.mark.parametrize("packing", [True, False])

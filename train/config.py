@@ -32,6 +32,7 @@ from train.atomic import atomic_write_text
 STAGES = ("lm", "contrastive", "flamingo")
 PRECISIONS = ("fp32", "bf16")
 CONTRASTIVE_LOSSES = ("clip", "siglip")
+VISION_TOWER_KINDS = ("clip", "siglip", "bit")  # flamingo_kit.from_scratch.VISION_KINDS
 CONFIG_FILE = "config.yaml"
 # Keys (or whole sections) a resumed run may change; see the module docstring.
 RESUMABLE_KEYS = ("steps", "max_nonfinite_losses", "logging", "checkpoint")
@@ -136,7 +137,7 @@ class LMStage:
 
 @dataclass
 class VisionShape:
-    """Knobs of ``flamingo_kit.from_scratch.vision_config`` (``kind`` is clip or siglip)."""
+    """Knobs of ``flamingo_kit.from_scratch.vision_config`` (``kind`` is clip, siglip or bit)."""
 
     kind: str = "clip"
     image_size: int = 32
@@ -167,6 +168,9 @@ class ContrastiveStage:
     embed_dim: int = 64
     max_length: int = 32
     num_workers: int = 0
+    # Word groups for hard negatives (train.hard_negatives): every caption also enters the
+    # image->text softmax with one word of a group swapped for another of the same group.
+    hard_negative_words: list[list[str]] = field(default_factory=list)
     vision: VisionShape = field(default_factory=VisionShape)
     text: TextTowerShape = field(default_factory=TextTowerShape)
 
@@ -285,7 +289,7 @@ def _check_choices(cfg: TrainConfig) -> None:
         ("deepspeed.precision", cfg.deepspeed.precision, PRECISIONS),
         ("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3)),
         ("contrastive.loss", cfg.contrastive.loss, CONTRASTIVE_LOSSES),
-        ("contrastive.vision.kind", cfg.contrastive.vision.kind, ("clip", "siglip")),
+        ("contrastive.vision.kind", cfg.contrastive.vision.kind, VISION_TOWER_KINDS),
     ]
     for key, value, valid in choices:
         if value not in valid:

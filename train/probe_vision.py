@@ -44,7 +44,7 @@ class ProbeResult:
 def tower_features(tower, processor, paths: list[str], batch_size: int = 64
                    ) -> dict[str, torch.Tensor]:
     """``{"patch_mean": [N, D], "pooled": [N, D]}`` of the images at ``paths``."""
-    from flamingo_kit.backbones import has_class_token
+    from flamingo_kit.backbones import has_class_token, patch_tokens, pooled_features
 
     first_patch = 1 if has_class_token(tower) else 0
     dtype = next(tower.parameters()).dtype
@@ -56,9 +56,9 @@ def tower_features(tower, processor, paths: list[str], batch_size: int = 64
                 images.append(image.convert("RGB"))
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         result = tower(pixel_values=pixels.to(dtype))
-        patches = result.last_hidden_state[:, first_patch:]
+        patches = patch_tokens(result.last_hidden_state)[:, first_patch:]
         out["patch_mean"].append(patches.float().mean(1))
-        out["pooled"].append(result.pooler_output.float().flatten(1))
+        out["pooled"].append(pooled_features(result).float())
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPVisionModel, SiglipVisionModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from data_pipelines.loading import SourceConfig, build_loader
-from flamingo_kit.backbones import require_local_dir
+from flamingo_kit.backbones import pooled_features, require_local_dir, vision_width
+from flamingo_kit.from_scratch import VISION_KINDS, vision_config
 from flamingo_kit.from_scratch import image_processor as make_image_processor
-from flamingo_kit.from_scratch import vision_config
 from flamingo_kit.processing import add_flamingo_tokens
 from train.config import ContrastiveStage, TrainConfig
 from train.distributed import DistInfo
+from train.hard_negatives import swap_one_word, word_group_token_ids
 from train.losses import (
     CLIP_INIT_LOG_SCALE,
     SIGLIP_INIT_BIAS,
@@ -26,8 +27,6 @@ from train.losses import (
     siglip_loss,
 )
 from train.stages import Batch, StageParts, count_attended_tokens
-
-VISION_CLASSES = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
 
 
 class DualEncoder(nn.Module):
@@ -38,11 +37,13 @@ class DualEncoder(nn.Module):
     """
 
     def __init__(self, vision: nn.Module, text: nn.Module, embed_dim: int, loss: str,
-                 media_token_ids: tuple[int, int]):
+                 media_token_ids: tuple[int, int],
+                 hard_negative_groups: list[list[int]] | None = None):
         super().__init__()
+        self.hard_negative_groups = hard_negative_groups or []
         self.vision = vision
         self.text = text
-        self.vision_proj = nn.Linear(vision.config.hidden_size, embed_dim, bias=False)
+        self.vision_proj = nn.Linear(vision_width(vision.config), embed_dim, bias=False)
         self.text_proj = nn.Linear(text.config.hidden_size, embed_dim, bias=False)
         self.loss_name = loss
         init_scale = CLIP_INIT_LOG_SCALE if loss == "clip" else SIGLIP_INIT_LOG_SCALE
@@ -53,7 +54,7 @@ class DualEncoder(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, embed_dim]`` (pooled tower output, projected)."""
-        return self.vision_proj(self.vision(pixel_values=pixel_values).pooler_output)
+        return self.vision_proj(pooled_features(self.vision(pixel_values=pixel_values)))
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` -> ``[B, embed_dim]`` (mean of caption-token states, projected)."""
@@ -65,19 +66,28 @@ class DualEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
-        """The contrastive loss of a batch of matching (image, text) pairs."""
+        """The contrastive loss of a batch of matching (image, text) pairs.
+
+        With ``hard_negative_groups``, each caption with a swappable word also enters once more
+        with that word swapped (:func:`train.hard_negatives.swap_one_word`), as a negative.
+        """
         images = self.encode_images(pixel_values)
         texts = self.encode_texts(input_ids, attention_mask)
+        negatives = mask = None
+        if self.hard_negative_groups:
+            negative_ids, mask = swap_one_word(input_ids, self.hard_negative_groups)
+            negatives = self.encode_texts(negative_ids, attention_mask)
         if self.loss_name == "clip":
-            return clip_loss(images, texts, self.log_scale)
-        return siglip_loss(images, texts, self.log_scale, self.bias)
+            return clip_loss(images, texts, self.log_scale, negatives, mask)
+        return siglip_loss(images, texts, self.log_scale, self.bias, negatives, mask)
 
 
 def build_dual_encoder(stage: ContrastiveStage, vocab_size: int,
-                       media_token_ids: tuple[int, int], pad_token_id: int) -> DualEncoder:
-    """Randomly initialised vision tower (clip/siglip) and CLIP text tower of the given shapes."""
+                       media_token_ids: tuple[int, int], pad_token_id: int,
+                       hard_negative_groups: list[list[int]] | None = None) -> DualEncoder:
+    """Randomly initialised vision tower (clip/siglip/bit) and CLIP text tower of the given shapes."""
     v = stage.vision
-    vision = VISION_CLASSES[v.kind](vision_config(
+    vision = VISION_KINDS[v.kind](vision_config(
         v.kind, image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
         num_layers=v.num_layers, num_heads=v.num_heads))
     t = stage.text
@@ -88,7 +98,7 @@ def build_dual_encoder(stage: ContrastiveStage, vocab_size: int,
         pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2)
     text_config._attn_implementation = "sdpa"
     return DualEncoder(vision, CLIPTextModel(text_config), stage.embed_dim, stage.loss,
-                       media_token_ids)
+                       media_token_ids, hard_negative_groups)
 
 
 def contrastive_loss(model, batch: Batch) -> torch.Tensor:
@@ -110,7 +120,8 @@ def build(cfg: TrainConfig, dist: DistInfo) -> StageParts:
         image_processor, batch_size=cfg.deepspeed.micro_batch_size, max_length=stage.max_length,
         max_images=1, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
         num_workers=stage.num_workers)
-    model = build_dual_encoder(stage, len(tokenizer), media_ids, tokenizer.pad_token_id)
+    groups = word_group_token_ids(tokenizer, stage.hard_negative_words)
+    model = build_dual_encoder(stage, len(tokenizer), media_ids, tokenizer.pad_token_id, groups)
 
     def export(module: DualEncoder, directory: str) -> None:
         module.vision.save_pretrained(directory)
