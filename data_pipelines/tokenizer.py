@@ -12,10 +12,13 @@ import tempfile
 from collections.abc import Iterable
 
 import sentencepiece as spm
-from transformers import LlamaTokenizer, PreTrainedTokenizerBase
+from tokenizers import decoders
+from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
-from flamingo_kit.processing import add_flamingo_tokens
+from flamingo_kit.processing import EOC_TOKEN, IMAGE_TOKEN, add_flamingo_tokens
+
+MEDIA_TOKENS = (IMAGE_TOKEN, EOC_TOKEN)
 
 # Byte fallback needs 256 byte pieces plus the specials; below this sentencepiece refuses.
 MIN_VOCAB_SIZE = 280
@@ -29,6 +32,13 @@ def train_tokenizer(
     Byte fallback means any string (digits, unseen words, unicode) encodes without an unknown
     token. With ``add_media_tokens`` the ``<image>`` and ``<|endofchunk|>`` specials are added
     after the trained vocabulary, so their ids are ``vocab_size`` and ``vocab_size + 1``.
+
+    Text right after a special token is split as at the start of a line (sentencepiece's
+    ``▁`` prefix on every segment, Llama's "legacy" behaviour): the chunk ``Output: a red
+    circle.`` after ``<image>`` gives the pieces the LM was pretrained on (``▁Output :``), not
+    ``O ut put :``, which a text corpus never contains. The tokenizer is returned as a plain
+    fast tokenizer so that this survives ``save_pretrained`` / ``AutoTokenizer.from_pretrained``
+    (``LlamaTokenizer`` rebuilds its pre-tokenizer on load and would drop it).
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} with byte fallback, got {vocab_size}")
@@ -60,8 +70,23 @@ def train_tokenizer(
             minloglevel=2,
         )
         vocab, _, merges = SentencePieceExtractor(prefix + ".model").extract()
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
-    tokenizer.pad_token = tokenizer.eos_token
+    # legacy=True: the "▁" prefix goes on every text segment, also after special tokens
+    llama = LlamaTokenizer(vocab=vocab, merges=merges, legacy=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=llama.backend_tokenizer, bos_token=llama.bos_token,
+        eos_token=llama.eos_token, unk_token=llama.unk_token, pad_token=llama.eos_token,
+        padding_side=llama.padding_side)
+    tokenizer.backend_tokenizer.decoder = _decoder([*tokenizer.all_special_tokens, *MEDIA_TOKENS])
     if add_media_tokens:
         add_flamingo_tokens(tokenizer)
     return tokenizer
+
+
+def _decoder(special_tokens: Iterable[str]) -> decoders.Decoder:
+    """sentencepiece decoding without the space that every text segment gets after a special token.
+
+    ``<image>Output:`` encodes as ``<image> ▁Output :``; decoding gives ``<image>Output:`` back.
+    """
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    steps += [decoders.Replace(token + " ", token) for token in special_tokens]
+    return decoders.Sequence([*steps, decoders.Strip(content=" ", left=1)])
