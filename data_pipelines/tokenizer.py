@@ -16,9 +16,7 @@ from tokenizers import decoders
 from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
-from flamingo_kit.processing import EOC_TOKEN, IMAGE_TOKEN, add_flamingo_tokens
-
-MEDIA_TOKENS = (IMAGE_TOKEN, EOC_TOKEN)
+from flamingo_kit.processing import MEDIA_TOKENS, add_flamingo_tokens
 
 # Byte fallback needs 256 byte pieces plus the specials; below this sentencepiece refuses.
 MIN_VOCAB_SIZE = 280

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from data_pipelines.tokenizer import train_tokenizer
-from flamingo_kit.processing import EOC_TOKEN, IMAGE_TOKEN
+from flamingo_kit.processing import EOC_TOKEN, IMAGE_TOKEN, MEDIA_TOKENS
 
 CORPUS = [
     "Output: a red circle and a blue square.",
@@ -25,9 +25,8 @@ CHUNKS = ["Output: a red circle.", "Question: what colour is the square? Short a
 
 def pieces(tokenizer, text: str) -> list[str]:
     """Tokens of ``text`` without the media specials."""
-    special = {IMAGE_TOKEN, EOC_TOKEN}
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [p for p in tokenizer.convert_ids_to_tokens(ids) if p not in special]
+    return [p for p in tokenizer.convert_ids_to_tokens(ids) if p not in MEDIA_TOKENS]
 
 
 @pytest.fixture(scope="module")
