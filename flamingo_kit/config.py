@@ -35,7 +35,10 @@ class FlamingoConfig:
     perceiver_heads: int = 8
     perceiver_dim_head: int = 64
     perceiver_ff_mult: int = 4
-    perceiver_max_media: int = 64  # media-position embeddings: images per sequence; 0: none
+    # Media-position embeddings (images per sequence; 0: none). They tell a token that sees
+    # several images (media_policy 'all_previous') which is which; under 'immediate' they only
+    # make an image's latents depend on its place in the prompt (the shipped recipes use 0).
+    perceiver_max_media: int = 64
     perceiver_max_frames: int = 8  # frame embeddings: frames per image/video; 0: none
     # >0: a trainable MLP (this width multiple) on every patch token before the resampler
     # attends, so features a frozen tower encodes nonlinearly per patch become poolable.
