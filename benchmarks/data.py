@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
     parser.add_argument("--image-size", type=int, default=224,
                         help="vision tower input size (the synthetic images are 64 px)")
     args = parser.parse_args(argv)
-    world = WorldConfig(seed=args.seed, n_pairs=600, n_docs=300, n_corpus=500, n_eval=1,
+    world = WorldConfig(seed=args.seed, n_pairs=600, n_docs=300, n_anchored=0, n_corpus=500, n_eval=1,
                         n_episodes=0, shard_size=100)
     if args.smoke:
         args.workers, args.batches, args.batch_size, args.image_size = [0], 2, 2, 32
-        world = WorldConfig(seed=args.seed, n_pairs=20, n_docs=10, n_corpus=50, n_eval=1,
+        world = WorldConfig(seed=args.seed, n_pairs=20, n_docs=10, n_anchored=0, n_corpus=50, n_eval=1,
                             n_episodes=0, shard_size=10)
     setup_process(args)
     rates = {}

@@ -19,8 +19,9 @@ def _synth(args: argparse.Namespace) -> None:
     from data_pipelines.synthetic import synthesize
 
     config = WorldConfig(seed=args.seed, n_pairs=args.n_pairs, n_docs=args.n_docs,
-                         n_corpus=args.n_corpus, n_eval=args.n_eval, n_episodes=args.n_episodes,
-                         n_heldout=args.n_heldout, image_size=args.image_size, shard_size=args.shard_size)
+                         n_anchored=args.n_anchored, n_corpus=args.n_corpus, n_eval=args.n_eval,
+                         n_episodes=args.n_episodes, n_heldout=args.n_heldout,
+                         image_size=args.image_size, shard_size=args.shard_size)
     summary = synthesize(args.out, config)
     print(json.dumps(summary, indent=2))
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="image-caption pairs")
     synth.add_argument("--n-docs", type=int, default=defaults.n_docs,
                        help="interleaved documents")
+    synth.add_argument("--n-anchored", type=int, default=defaults.n_anchored,
+                       help="label-binding documents that sometimes say the class word")
     synth.add_argument("--n-corpus", type=int, default=defaults.n_corpus,
                        help="text-only corpus lines")
     synth.add_argument("--n-eval", type=int, default=defaults.n_eval,

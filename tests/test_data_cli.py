@@ -8,6 +8,7 @@ from data_pipelines.cli import main
 def test_synth_then_inspect(tmp_path, capsys):
     out = tmp_path / "w"
     assert main(["synth", "--out", str(out), "--seed", "1", "--n-pairs", "12", "--n-docs", "6",
+                 "--n-anchored", "3",
                  "--n-corpus", "20", "--n-eval", "5", "--n-episodes", "1", "--image-size", "32",
                  "--shard-size", "4"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_pipelines.loading import SourceConfig, build_loader
 from data_pipelines.synthetic import WorldConfig, synthesize
-from data_pipelines.synthetic.documents import DOC_BUILDERS, corpus_line
+from data_pipelines.synthetic.documents import DOC_BUILDERS, anchored_binding_doc, corpus_line
 from data_pipelines.synthetic.language import (
     REAL_WORDS,
     caption,
@@ -24,7 +24,7 @@ from data_pipelines.synthetic.scenes import COLORS, SHAPES, UniqueImages, render
 from data_pipelines.tokenizer import train_tokenizer
 from flamingo_kit.from_scratch import image_processor
 
-SMALL = dict(n_pairs=40, n_docs=30, n_corpus=60, n_eval=12, n_episodes=3, image_size=32,
+SMALL = dict(n_pairs=40, n_docs=30, n_anchored=12, n_corpus=60, n_eval=12, n_episodes=3, image_size=32,
              shard_size=10)
 
 
@@ -55,6 +55,8 @@ def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
 def test_layout_and_counts(world):
     out, summary = world
     assert len(summary["pair_shards"]) == 4 and len(summary["doc_shards"]) == 3
+    assert summary["anchored_shards"] == ["binding_anchored/docs-000000.tar",
+                                          "binding_anchored/docs-000001.tar"]
     assert sum(summary["doc_kinds"].values()) == 30
     lines = open(out / "corpus.txt").read().splitlines()
     assert len(lines) == 60 and all(lines)
@@ -221,6 +223,28 @@ def test_binding_documents_reuse_their_own_names():
         names = [t.removeprefix("Output: ") for t in items if isinstance(t, str)]
         assert len(set(names)) in (2, 3) and len(names) >= 5
         assert names[-1] in names[:-1]  # the final query asks a name the document taught
+
+
+def test_anchored_binding_documents_say_the_class_word_in_demonstrations_only():
+    """``Output: {class} {name}`` in about half the demonstrations, ``Output: {name}`` otherwise
+    and always in the query; one name per class within a document."""
+    rng = random.Random(5)
+    anchored = plain = 0
+    for _ in range(20):
+        items = anchored_binding_doc(rng, UniqueImages(32))
+        chunks = [t.removeprefix("Output: ").split() for t in items if isinstance(t, str)]
+        assert len(chunks[-1]) == 1
+        names = [words[-1] for words in chunks]
+        assert names[-1] in names[:-1]
+        named = {}
+        for words in chunks[:-1]:
+            if len(words) == 2:
+                assert words[0] in (*COLORS, *SHAPES)
+                assert named.setdefault(words[0], words[1]) == words[1]
+        assert len(set(named.values())) == len(named)
+        anchored += sum(len(w) == 2 for w in chunks[:-1])
+        plain += sum(len(w) == 1 for w in chunks[:-1])
+    assert 0.3 < anchored / (anchored + plain) < 0.7
 
 
 def test_world_trains_through_the_loader(world):

@@ -17,7 +17,7 @@ def test_demo_script_end_to_end_at_minimum_size(tmp_path):
         "PY": sys.executable,
         "DATA": str(tmp_path / "synth"),
         "RUNS": str(tmp_path / "runs"),
-        "SYNTH_ARGS": "--n-pairs 64 --n-docs 32 --n-corpus 300 --n-eval 8 --n-episodes 2",
+        "SYNTH_ARGS": "--n-pairs 64 --n-docs 32 --n-anchored 8 --n-corpus 300 --n-eval 8 --n-episodes 2",
         "STEPS_LM": "2",
         "STEPS_VISION": "2",
         "STEPS_FLAMINGO": "2",

@@ -7,7 +7,9 @@ learning pays off (bursty data, Chan et al. 2022):
 - ``vqa``: k-shot runs of ``<image>Question: {q} Short answer: {a}<|endofchunk|>``;
 - ``binding``: a document gives its own fresh nonsense names to classes (e.g. red things are
   ``blick``), shows several images of each as ``<image>Output: {name}<|endofchunk|>`` and asks
-  again at the end; names change from document to document, so only the context can tell;
+  again at the end; names change from document to document, so only the context can tell.
+  ``anchored_binding_doc`` (a separate source) also says the class word in half the
+  demonstrations (``<image>Output: red blick``), never in the query;
 - ``story``: each image followed by a sentence about it, with distractor sentences around.
 
 The text corpus (for LM pretraining) mirrors these with words instead of images: captions, a
@@ -40,6 +42,7 @@ from data_pipelines.synthetic.scenes import COLORS, SHAPES, UniqueImages, sample
 DOC_KINDS = {"captions": 0.2, "vqa": 0.3, "binding": 0.4, "story": 0.1}
 CORPUS_KINDS = {"captions": 0.1, "qa": 0.125, "binding": 0.225, "naming": 0.35, "copy": 0.15,
                 "story": 0.05}
+ANCHOR_SHARE = 0.5  # demonstrations of an anchored binding document that say the class word
 BINDING_ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES}
 
 Item = str | Image.Image
@@ -78,15 +81,32 @@ def binding_episode(rng: random.Random, attribute: str, n_classes: int, per_clas
     return names, order + [rng.choice(classes)]
 
 
-def binding_doc(rng: random.Random, images: UniqueImages) -> list[Item]:
-    """Images of 2-3 classes named with this document's own nonsense words, then a query."""
+def binding_doc(rng: random.Random, images: UniqueImages, anchor_share: float = 0.0) -> list[Item]:
+    """Images of 2-3 classes named with this document's own nonsense words, then a query.
+
+    With ``anchor_share`` > 0, that share of the demonstrations also say the class word before
+    the name (``Output: red blick``); the query never does (see :func:`anchored_binding_doc`).
+    """
     attribute = "color" if rng.random() < 0.7 else "shape"
     names, order = binding_episode(rng, attribute, rng.choice((2, 2, 3)), rng.randint(2, 4))
     items: list[Item] = []
-    for cls in order:
+    for i, cls in enumerate(order):
         _, image = images.draw(rng, n_objects=1, **{attribute: cls})
-        items += [image, binding_prompt(names[cls])]
+        anchored = anchor_share > 0 and i < len(order) - 1 and rng.random() < anchor_share
+        items += [image, binding_prompt(f"{cls} {names[cls]}" if anchored else names[cls])]
     return items
+
+
+def anchored_binding_doc(rng: random.Random, images: UniqueImages) -> list[Item]:
+    """A binding document in which half the demonstrations say the class word.
+
+    The frozen LM copies a name that follows a word it can match (``a red blick. ... a red``),
+    but not one that follows ``Output:`` after an image: the images would have to make the two
+    ``Output:`` tokens match. Demonstrations that say ``red`` give cross-attention a fixed target
+    to learn that from: make the query's ``Output:`` match the class word. Without these
+    documents label binding stayed at chance in every recipe measured.
+    """
+    return binding_doc(rng, images, ANCHOR_SHARE)
 
 
 def story_doc(rng: random.Random, images: UniqueImages) -> list[Item]:

@@ -1,7 +1,9 @@
 """Write the whole synthetic world for a seed: corpus, pair shards, document shards, eval sets.
 
 Layout under ``out`` (see the shared formats): ``corpus.txt``, ``pairs/pairs-*.tar``,
-``interleaved/docs-*.tar``, ``eval/{captioning,vqa,classification,label_binding}/``,
+``interleaved/docs-*.tar``, ``binding_anchored/docs-*.tar`` (label-binding documents whose
+demonstrations sometimes say the class word: a curriculum source for binding),
+``eval/{captioning,vqa,classification,label_binding}/``,
 ``heldout/{pairs,interleaved}/`` (the same kinds of training data, never trained on: the
 trainer's image-reliance diagnostics read them) and a ``world.json`` summary. Each part
 draws from its own seeded RNG, and all images come from one uniqueness registry, so the output
@@ -18,7 +20,11 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from data_pipelines.shards import interleaved_sample, json_bytes, png_bytes, write_shards
-from data_pipelines.synthetic.documents import corpus_line, interleaved_document
+from data_pipelines.synthetic.documents import (
+    anchored_binding_doc,
+    corpus_line,
+    interleaved_document,
+)
 from data_pipelines.synthetic.evalsets import write_eval_sets
 from data_pipelines.synthetic.language import caption
 from data_pipelines.synthetic.scenes import UniqueImages
@@ -31,6 +37,7 @@ class WorldConfig:
     seed: int = 0
     n_pairs: int = 2000
     n_docs: int = 2500
+    n_anchored: int = 6000  # anchored label-binding documents (binding_anchored/)
     n_corpus: int = 80000  # text lines; enough that LM pretraining never repeats an episode
     n_eval: int = 100  # images per eval split (train and test) for each task
     n_episodes: int = 20  # label-binding episodes
@@ -39,7 +46,7 @@ class WorldConfig:
     shard_size: int = 250
 
     def __post_init__(self):
-        for name in ("n_pairs", "n_docs", "n_corpus", "n_eval", "n_episodes", "n_heldout"):
+        for name in ("n_pairs", "n_docs", "n_anchored", "n_corpus", "n_eval", "n_episodes", "n_heldout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.image_size < 16:
@@ -65,6 +72,11 @@ def _documents(rng: random.Random, images: UniqueImages, n: int, kinds: dict):
         kind, items = interleaved_document(rng, images)
         kinds[kind] = kinds.get(kind, 0) + 1
         yield interleaved_sample(f"doc{i:08d}", items)
+
+
+def _anchored_documents(rng: random.Random, images: UniqueImages, n: int):
+    for i in tqdm(range(n), desc="anchored binding documents", leave=False, disable=None):
+        yield interleaved_sample(f"anchored{i:08d}", anchored_binding_doc(rng, images))
 
 
 def synthesize(out: str, config: WorldConfig | None = None) -> dict:
@@ -94,11 +106,15 @@ def synthesize(out: str, config: WorldConfig | None = None) -> dict:
     heldout_shards += write_shards(
         _documents(rng("heldout/docs"), images, config.n_heldout, {}),
         os.path.join(out, "heldout", "interleaved"), "docs", config.shard_size)
+    anchored_shards = write_shards(
+        _anchored_documents(rng("binding_anchored"), images, config.n_anchored),
+        os.path.join(out, "binding_anchored"), "docs", config.shard_size)
     summary = {
         "config": asdict(config),
         "pair_shards": [os.path.relpath(p, out) for p in pair_shards],
         "doc_shards": [os.path.relpath(p, out) for p in doc_shards],
         "heldout_shards": [os.path.relpath(p, out) for p in heldout_shards],
+        "anchored_shards": [os.path.relpath(p, out) for p in anchored_shards],
         "doc_kinds": dict(sorted(kinds.items())),
         "eval_images": eval_images,
     }
